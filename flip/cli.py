@@ -1,0 +1,115 @@
+"""``flip <stage>``: one thin command per pipeline stage, called by ``dvc.yaml`` and the Prefect flows.
+
+Every stage takes ``--params FILE`` (default ``params.yaml``) and repeatable ``-S key=value``
+overrides (dotted, as in ``dvc exp run -S``); stages that write take ``--out DIR``. A command
+parses the config, calls the stage function, and turns a :class:`~flip.errors.FlipError` into one
+readable paragraph on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from flip.config import Config, ConfigError, load_config
+from flip.errors import FlipError
+
+app = typer.Typer(
+    help="FLIP: fine-grained alignment between ID-based CTR models and pretrained language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Params = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. -S finetune.lr=1e-3")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: the path dvc.yaml uses)")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="processed dataset directory (default from params)")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+
+
+def _stage(fn: Callable) -> Callable:
+    """Report configuration and data errors as one paragraph and exit 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FlipError, ConfigError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _config(params: Path, overrides: list[str] | None) -> Config:
+    return load_config(params, overrides or [])
+
+
+def raw_dir(cfg: Config) -> Path:
+    return Path(cfg.data.raw_dir) / cfg.data.dataset
+
+
+@app.command()
+@_stage
+def download(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, quiet: Quiet = False):
+    """Fetch the raw files of data.dataset (or take them from FLIP_DATA_MIRROR); verify checksums."""
+    from flip.data.download import download as run
+
+    cfg = _config(params, set_)
+    manifest = run(cfg, out or raw_dir(cfg), progress=not quiet)
+    typer.echo(f"{cfg.data.dataset}: {len(manifest.get('files', {}))} file(s) ready ({manifest.get('origin')})")
+
+
+@app.command()
+@_stage
+def preprocess(
+    params: Params = Path("params.yaml"),
+    set_: Overrides = None,
+    out: Out = None,
+    raw: Annotated[Optional[Path], typer.Option(help="raw files directory (default: data.raw_dir/<dataset>)")] = None,
+    quiet: Quiet = False,
+):
+    """Label, sort, split, encode and render the text of the raw log into Parquet + meta.json (DuckDB)."""
+    from flip.data.preprocess import preprocess as run
+
+    cfg = _config(params, set_)
+    run(cfg, raw or raw_dir(cfg), out or cfg.data.processed_path, progress=not quiet)
+
+
+@app.command()
+@_stage
+def validate(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None):
+    """Check the processed splits: pandera schema contract (hard) and Great Expectations quality + Data Docs."""
+    from flip.data.quality import validate as run
+
+    cfg = _config(params, set_)
+    result = run(cfg, data or cfg.data.processed_path, out or Path(cfg.validate.reports_dir))
+    for warning in result["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"validation passed: {result['summary']}")
+
+
+@app.command()
+@_stage
+def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
+             pretrained: Annotated[Optional[Path], typer.Option(help="pretraining run directory")] = None):
+    """Train a CTR model (finetune.strategy: scratch | flip_id | flip_plm | plm_scratch | flip)."""
+    from flip.train.finetune import finetune as run
+
+    cfg = _config(params, set_)
+    out = out or Path("models/finetune") / cfg.finetune.strategy
+    metrics = run(cfg, data or cfg.data.processed_path, out)
+    typer.echo(f"test AUC {metrics['test']['auc']:.4f}  logloss {metrics['test']['logloss']:.4f}  -> {out}")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="flip")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Typed configuration built from ``params.yaml`` plus dotted ``-S key=value`` overrides.
+
+One dataclass per section of ``params.yaml``. ``load_config(path, overrides)`` reads the file,
+applies overrides spelt exactly as ``dvc exp run -S`` spells them (``finetune.lr=1e-3``,
+``run.seeds=[1,2,3]``), and checks every key against the dataclasses, so a typo fails loudly
+instead of being ignored. Only the standard library and PyYAML are used: this module must import
+on a bare GPU machine that has torch + transformers + pyarrow only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class CsvField:
+    """One field of a user's own click log."""
+
+    column: str  # column in the CSV/Parquet file
+    name: str  # human-readable name used in the text ("Movie title")
+
+
+@dataclass
+class CsvSource:
+    """A user's own click log: one or several CSV/Parquet files (globs allowed)."""
+
+    files: list[str] = field(default_factory=list)
+    fields: list[CsvField] = field(default_factory=list)
+    label: str = "label"  # column holding the label or the value the rule is applied to
+    # Label rule: empty -> the column already holds 0/1. Otherwise a SQL boolean expression over
+    # the column named ``value``, e.g. "value > 3"; rows matching ``drop`` are removed first.
+    positive: str = ""
+    drop: str = ""
+    timestamp: str = ""  # optional; without it rows keep file order
+    user: str = ""  # column of the user id (cold-start analysis)
+    item: str = ""  # column of the item id
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
+@dataclass
+class SyntheticSource:
+    """Deterministic generator: any size; the words of some values carry click signal."""
+
+    rows: int = 20_000
+    fields: int = 8
+    users: int = 500
+    items: int = 300
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "movielens-1m"  # movielens-1m | bookcrossing | goodreads | csv | synthetic
+    mirror: str = ""  # directory with datasets in their official layout; env FLIP_DATA_MIRROR wins
+    raw_dir: str = "data/raw"
+    processed_dir: str = "data/processed"
+    csv: CsvSource = field(default_factory=CsvSource)
+    synthetic: SyntheticSource = field(default_factory=SyntheticSource)
+
+    def resolved_mirror(self) -> str:
+        return os.environ.get("FLIP_DATA_MIRROR", "") or self.mirror
+
+    @property
+    def processed_path(self) -> Path:
+        return Path(self.processed_dir) / self.dataset
+
+
+@dataclass
+class PreprocessConfig:
+    test_fraction: float = 0.1  # last 10% of the time-sorted rows
+    valid_divisor: int = 9  # last floor(len(train+valid)/9) rows of train+valid are validation
+    min_count: int = 1  # values seen fewer times in train map to the field's OOV id
+    memory_limit: str = "3GB"  # DuckDB memory limit (spills to disk beyond it)
+    threads: int = 2
+
+
+@dataclass
+class ValidateConfig:
+    reports_dir: str = "reports"
+    positive_rate_band: list[float] = field(default_factory=lambda: [0.01, 0.99])
+    max_null_fraction: float = 0.0
+    # expected counts (warnings only when they differ: a partial copy is legitimate)
+    expected_total: int = 0
+
+
+# ---------------------------------------------------------------------------------------- models
+@dataclass
+class IdModelConfig:
+    name: str = "dcnv2"  # dcnv2 | dcn | deepfm | autoint | xdeepfm | pnn | widedeep | afn | afm
+    embedding_dim: int = 32
+    dnn_hidden_units: list[int] = field(default_factory=lambda: [300, 300, 128])
+    dropout: float = 0.1
+    batch_norm: bool = False
+    # DCN / DCNv2
+    cross_layers: int = 2
+    low_rank_mixture: bool = True  # DCN-Mix as in the authors' code; False = full-rank CrossNetV2
+    low_rank: int = 32
+    num_experts: int = 4
+    # AutoInt
+    attention_layers: int = 3
+    attention_heads: int = 2
+    attention_dim: int = 64
+    # xDeepFM
+    cin_layer_units: list[int] = field(default_factory=lambda: [128, 128])
+    # AFN
+    afn_log_neurons: int = 400
+    # AFM
+    afm_attention_dim: int = 16
+
+
+@dataclass
+class PlmConfig:
+    name: str = "minilm-l6"  # HF id, local directory, or the alias minilm-l6 (offline default)
+    max_length: int = 100
+    cache_dir: str = "data/tokens"
+
+
+# -------------------------------------------------------------------------------------- training
+@dataclass
+class PretrainConfig:
+    epochs: int = 30
+    batch_size: int = 1024
+    lr: float = 5e-5
+    weight_decay: float = 1e-3
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    max_steps: int = 0  # 0 = no limit; >0 stops early (reduced CPU profile)
+    max_rows: int = 0  # 0 = all training rows
+    text_mask_ratio: float = 0.15
+    tab_mask_ratio: float = 0.15
+    same_fields: bool = False  # mask the same fields on both modalities
+    field_level_masking: bool = True  # False = random token-level masking (ablation)
+    joint_reconstruction: bool = True  # False = each modality reconstructs from itself (ablation)
+    mlm_weight: float = 1.0
+    mtm_weight: float = 1.0
+    icl_weight: float = 1.0
+    nce_negatives: int = 25
+    nce_noise: str = "global"  # global | per_field
+    mtm_loss: str = "nce"  # nce | softmax (exact, small vocabularies)
+    temperature: float = 0.7
+    similarity: str = "dot"  # dot (paper) | cosine
+    projection_dim: int = 128
+    precision: str = "auto"  # auto | fp32 | bf16
+
+
+@dataclass
+class FinetuneConfig:
+    strategy: str = "scratch"  # scratch | flip_id | flip_plm | plm_scratch | flip
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-3
+    plm_lr: float = 5e-5
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    l2_embedding: float = 1e-4
+    patience: int = 2
+    eval_batch_size: int = 8192
+    max_rows: int = 0  # 0 = all training rows
+    alpha_init: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    seeds: list[int] = field(default_factory=lambda: [2012])
+    device: str = "auto"  # auto | cpu | cuda | cuda:0
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+    progress: bool = True
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    id_model: IdModelConfig = field(default_factory=IdModelConfig)
+    plm: PlmConfig = field(default_factory=PlmConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the configuration schema."""
+
+
+# ------------------------------------------------------------------------------------ loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"finetune.lr=1e-3"`` -> (["finetune", "lr"], 0.001). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and value is None:
+        return ""
+    if tp is str and isinstance(value, (int, float)):
+        return str(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"allowed here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree or {})
+
+
+def load_config(path: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read ``params.yaml`` (missing file -> defaults) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        with open(path, encoding="utf-8") as fh:
+            tree = yaml.safe_load(fh) or {}
+    elif path is not None and str(path) != "params.yaml":
+        raise ConfigError(f"params file {path} does not exist")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    return config_from_dict(tree)

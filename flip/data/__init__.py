@@ -1,0 +1,1 @@
+"""Data: raw sources, DuckDB preprocessing, validation, and loading the processed splits."""

@@ -1,0 +1,133 @@
+"""The ``validate`` stage: pandera contract (hard) + Great Expectations batch quality and Data Docs.
+
+Roles (see README, "Data validation"): pandera (``flip.data.schemas``) owns every row/schema rule and
+fails hard. Great Expectations owns aggregates of one batch: row counts, null proportions, the
+label-rate band and field cardinality, and publishes Data Docs HTML under ``reports/``. Row counts
+that differ from the dataset's published size are warnings (a partial copy is legitimate); the other
+expectations fail the stage. Great Expectations is imported here only (it takes ~6 s to import).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from flip.config import Config
+from flip.data.preprocess import split_sizes
+from flip.data.schemas import validate_processed
+from flip.data.tensors import load_meta
+from flip.errors import DataError
+from flip.io import atomic_dir, write_json
+
+# published sample counts (paper Table 1); a different count is a warning, not an error
+PUBLISHED_TOTAL = {"movielens-1m": 739_012, "bookcrossing": 1_031_171, "goodreads": 20_122_040}
+
+
+def _suite(gx: Any, name: str, meta: dict[str, Any], cfg: Config, split: str) -> Any:
+    import great_expectations.expectations as gxe
+
+    fields = meta["fields"]
+    lo, hi = cfg.validate.positive_rate_band
+    exps = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+    exps.append(gxe.ExpectColumnMeanToBeBetween(column="label", min_value=lo, max_value=hi))
+    for f in fields:
+        exps.append(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(
+            column=f["name"], min_value=1.0 - cfg.validate.max_null_fraction))
+        # cardinality: at least two values in train (a constant field carries nothing), never more than the vocab
+        exps.append(gxe.ExpectColumnUniqueValueCountToBeBetween(
+            column=f["name"], min_value=2 if split == "train" and f["size"] > 2 else 1, max_value=f["size"]))
+    exps.append(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(column="text", min_value=1.0))
+    return gx.ExpectationSuite(name=name, expectations=exps)
+
+
+def _expected_counts_suite(gx: Any, name: str, expected: int) -> Any:
+    import great_expectations.expectations as gxe
+
+    return gx.ExpectationSuite(name=name, expectations=[
+        gxe.ExpectTableRowCountToEqual(value=expected)])
+
+
+def validate(cfg: Config, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Run both validations on ``data_dir``; write ``out_dir/validation.json`` and ``out_dir/gx_docs/``."""
+    import logging
+
+    started = time.time()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if not (data_dir / "meta.json").exists():
+        raise DataError("processed dataset not found (no meta.json)", file=str(data_dir),
+                        fix="run `flip preprocess` (or `dvc repro preprocess`) first")
+    meta = load_meta(data_dir)
+    contract = validate_processed(data_dir, meta)  # hard failure raises DataError
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations as gx
+    import pyarrow.parquet as pq
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    warnings: list[str] = []
+    expected = cfg.validate.expected_total or PUBLISHED_TOTAL.get(meta["dataset"], 0)
+    if expected and meta["counts"]["total"] != expected:
+        warnings.append(f"{meta['dataset']} has {meta['counts']['total']:,} samples, the published dataset "
+                        f"{expected:,} (a partial copy?)")
+
+    with atomic_dir(out_dir / "gx_docs") as docs:
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        ctx.add_data_docs_site(site_name="reports", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        asset = ctx.data_sources.add_pandas("processed").add_dataframe_asset(meta["dataset"])
+        quality: dict[str, Any] = {}
+        failures: list[str] = []
+        columns = [f["name"] for f in meta["fields"]] + ["label", "text"]
+        for split in ("train", "valid", "test"):
+            df = pq.read_table(data_dir / f"{split}.parquet", columns=columns).to_pandas()
+            batch = asset.add_batch_definition_whole_dataframe(split)
+            suites = [(ctx.suites.add(_suite(gx, f"{split}_quality", meta, cfg, split)), True)]
+            if expected:  # published split sizes: a mismatch is a warning (partial copies are legitimate)
+                sizes = split_sizes(expected, cfg.preprocess.test_fraction, cfg.preprocess.valid_divisor)
+                suites.append((ctx.suites.add(_expected_counts_suite(gx, f"{split}_counts", sizes[split])), False))
+            for suite, hard in suites:
+                vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+                cp = ctx.checkpoints.add(gx.Checkpoint(
+                    name=f"{suite.name}_cp", validation_definitions=[vd], result_format="SUMMARY",
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["reports"])]))
+                res = cp.run(batch_parameters={"dataframe": df})
+                stats = {"success": bool(res.success), "failed": []}
+                for vr in res.run_results.values():
+                    for r in vr.results:
+                        if not r.success:
+                            cfg_ = r.expectation_config
+                            stats["failed"].append(f"{cfg_.type}({cfg_.kwargs.get('column', '')}): "
+                                                   f"observed {r.result.get('observed_value')}")
+                quality[suite.name] = stats
+                if not res.success:
+                    (failures if hard else warnings).extend(f"{split}: {f}" for f in stats["failed"])
+        result = {
+            "success": not failures,
+            "dataset": meta["dataset"],
+            "counts": meta["counts"],
+            "positive_rate": meta["positive_rate"],
+            "contract": contract,
+            "quality": quality,
+            "warnings": warnings,
+            "failures": failures,
+            "data_docs": str(out_dir / "gx_docs" / "index.html"),
+            "seconds": round(time.time() - started, 2),
+            "summary": f"{meta['counts']['total']:,} samples, {len(meta['fields'])} fields, contract ok, "
+                       f"{len(failures)} quality failure(s), "
+                       f"{len(warnings)} warning(s)",
+        }
+        if failures:  # keep the report for inspection beside the (unchanged) stage output, then fail
+            failed = out_dir / "gx_docs-failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            shutil.copytree(docs, failed)
+            write_json(failed / "validation.json", result)
+            raise DataError("Great Expectations quality checks failed:\n  " + "\n  ".join(failures),
+                            file=str(data_dir), fix=f"see the Data Docs in {failed}/index.html")
+    write_json(out_dir / "validation.json", result)
+    return result

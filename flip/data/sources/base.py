@@ -1,0 +1,202 @@
+"""What every dataset source provides, and the careful raw-file reader they share.
+
+A source turns its raw files into one DuckDB table ``samples`` with the columns
+
+    label INTEGER (0/1) · ts BIGINT (ordering key) · sort_user · sort_item ·
+    v_0 … v_{F-1} VARCHAR (each field's human-readable value, used for both the id and the text)
+
+``flip.data.preprocess`` does everything after that (sorting, splitting, vocabularies, encoding,
+text and spans), identically for every source.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flip.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import duckdb
+
+    from flip.config import Config
+
+
+@dataclass(frozen=True)
+class Field:
+    """One feature field: ``key`` names the column, ``title`` is how the text names it."""
+
+    key: str
+    title: str
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A file of a dataset's official layout, with where to get it."""
+
+    name: str  # path relative to the dataset's raw directory, e.g. "ratings.dat"
+    archive: str = ""  # the downloadable archive that contains it ("" = downloaded as is)
+
+
+@dataclass(frozen=True)
+class Download:
+    """An archive or file to download, with its checksum (``algo:hex``; empty = record on first use)."""
+
+    url: str
+    filename: str
+    checksum: str = ""
+    size: int = 0
+
+
+@dataclass
+class SourceInfo:
+    name: str  # dataset name in params (data.dataset)
+    directory: str  # folder name in the mirror / raw dir, e.g. "ml-1m"
+    fields: list[Field]
+    files: list[RawFile]
+    downloads: list[Download] = field(default_factory=list)
+    user_field: str = ""
+    item_field: str = ""
+    label_rule: str = ""
+    split_rule: str = "sorted by (timestamp, user id, item id)"
+
+
+def find_raw(directory: Path, name: str) -> Path:
+    """``directory/name``, or its gzip-compressed sibling ``name.gz`` where only that exists."""
+    path = Path(directory) / name
+    gz = path.with_name(path.name + ".gz")
+    return gz if not path.exists() and gz.exists() else path
+
+
+def sql_str(text: str) -> str:
+    """Quote a Python string as a SQL literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def clean_text(expr: str) -> str:
+    """SQL: collapse whitespace (tabs, newlines) in a value, trim it, and map empty/NULL to 'unknown'."""
+    return f"coalesce(nullif(trim(regexp_replace({expr}, '\\s+', ' ', 'g')), ''), 'unknown')"
+
+
+def read_delimited(
+    con: "duckdb.DuckDBPyConnection",
+    path: Path,
+    table: str,
+    columns: list[str],
+    *,
+    delim: str,
+    header: bool,
+    encoding: str = "utf-8",
+    quote: str = "",
+    escape: str = "",
+    fix: str = "",
+) -> int:
+    """Read a delimited file into ``table`` (all VARCHAR, plus ``_row``: 1-based data row number).
+
+    Fails with a :class:`DataError` naming file, row and column for: a missing or empty file,
+    a file without the expected separator, rows with too few or too many columns, bytes that are
+    not valid in ``encoding``, and header lines repeated inside the data. Returns the row count.
+    """
+    if not path.exists():
+        raise DataError("file is missing", file=str(path), fix=fix or "put the dataset's official files there")
+    if path.stat().st_size == 0:
+        raise DataError("file is empty", file=str(path), fix=fix or "re-download or re-export the file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        first = fh.readline().rstrip(b"\r\n")
+    if not first.strip():
+        raise DataError("first line is empty", file=str(path), row=1, fix="remove blank lines at the top")
+    if delim.encode() not in first and len(columns) > 1:
+        seen = [d for d in ("::", ";", ",", "\t", "|") if d.encode() in first]
+        raise DataError(
+            f"the first line has no {delim!r} separator"
+            + (f"; it looks separated by {seen[0]!r}" if seen else ""),
+            file=str(path),
+            row=1,
+            value=first[:80].decode("latin-1"),
+            fix=f"this file must be separated by {delim!r} (set the delimiter in params.yaml for a csv source)",
+        )
+    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        # DuckDB's own transcoding drops a malformed last record silently: transcode to UTF-8 first
+        with tempfile.TemporaryDirectory(prefix="flip-utf8-") as tmp:
+            utf8 = Path(tmp) / (path.name[:-3] if path.suffix == ".gz" else path.name)
+            decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+            with opener(path, "rb") as src, open(utf8, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    dst.write(decoder.decode(chunk).encode("utf-8"))
+                dst.write(decoder.decode(b"", final=True).encode("utf-8"))
+            try:
+                return read_delimited(con, utf8, table, columns, delim=delim, header=header, quote=quote,
+                                      escape=escape, fix=fix)
+            except DataError as exc:  # name the user's file, not the transcoded copy
+                exc.args = (str(exc).replace(str(utf8), str(path)),)
+                exc.file = str(path)
+                raise
+    cols = "{" + ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in columns) + "}"
+    options = [
+        f"delim={sql_str(delim)}",
+        f"header={'true' if header else 'false'}",
+        f"columns={cols}",
+        f"quote={sql_str(quote)}",
+        f"escape={sql_str(escape)}",
+        f"encoding={sql_str(encoding)}",
+        "store_rejects=true",
+        f"rejects_table={sql_str(table + '_rejects')}",
+        f"rejects_scan={sql_str(table + '_rejects_scan')}",
+        "auto_detect=false",
+        "strict_mode=true",
+        "max_line_size=10000000",
+    ]
+    con.execute(f"DROP TABLE IF EXISTS {table}_rejects")
+    con.execute(f"DROP TABLE IF EXISTS {table}_rejects_scan")
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TABLE {table} AS SELECT row_number() OVER () AS _row, * "
+            f"FROM read_csv({sql_str(str(path))}, {', '.join(options)})"
+        )
+    except Exception as exc:  # duckdb.Error: sniffing / IO failures
+        raise DataError(
+            f"cannot be parsed as {delim!r}-separated text in {encoding}: {str(exc).splitlines()[0]}",
+            file=str(path),
+            fix=fix or "check the separator and encoding of the file",
+        ) from exc
+    rejects = con.execute(
+        f"SELECT line, column_name, error_type, csv_line, error_message FROM {table}_rejects ORDER BY line LIMIT 1"
+    ).fetchall()
+    if rejects:
+        line, column, kind, text, message = rejects[0]
+        total = con.execute(f"SELECT count(DISTINCT line) FROM {table}_rejects").fetchone()[0]
+        hint = {
+            "MISSING COLUMNS": f"each row needs {len(columns)} {delim!r}-separated columns "
+            f"({', '.join(columns)}); the line looks truncated: repair or delete it",
+            "TOO MANY COLUMNS": f"each row needs exactly {len(columns)} columns ({', '.join(columns)}); "
+            f"remove the extra {delim!r} separators or quote the value",
+            "INVALID ENCODING": f"the file is not valid {encoding}; re-save it as {encoding} "
+            "(or set the encoding, e.g. latin-1, for a csv source)",
+        }.get(kind, message)
+        raise DataError(
+            f"{kind.lower()} ({total} bad line{'s' if total > 1 else ''} in total)",
+            file=str(path),
+            row=int(line),
+            column=column,
+            value=text,
+            fix=hint,
+        )
+    if header:
+        names = " AND ".join(f'"{c}" = {sql_str(c)}' for c in columns[: min(2, len(columns))])
+        dup = con.execute(f"SELECT min(_row) FROM {table} WHERE {names}").fetchone()[0]
+        if dup is not None:
+            raise DataError(
+                "the header line is repeated inside the data (files concatenated with their headers?)",
+                file=str(path),
+                row=int(dup) + 1,
+                fix="delete the repeated header lines",
+            )
+    count = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    if count == 0:
+        raise DataError("file has no data rows", file=str(path), fix=fix or "re-download or re-export the file")
+    return int(count)

@@ -1,0 +1,150 @@
+"""A user's own click log: one or several CSV or Parquet files described in ``params.yaml``.
+
+```yaml
+data:
+  dataset: csv
+  csv:
+    files: [logs/clicks-*.csv]        # globs; .csv/.tsv/.txt or .parquet
+    fields:                           # the features, in text order, with human-readable names
+      - {column: user, name: User ID}
+      - {column: item, name: Item ID}
+      - {column: category, name: Category}
+    label: clicked                    # 0/1 column, or the column a rule is applied to:
+    positive: ""                      # e.g. "value > 3"   (SQL over the label column named value)
+    drop: ""                          # e.g. "value = 3"   rows to remove before labelling
+    timestamp: ts                     # optional: epoch seconds or an ISO date/time; else file order
+    user: user                        # the user id and item id columns (cold-start analysis)
+    item: item
+    delimiter: ","
+    encoding: utf-8                   # or latin-1
+```
+"""
+
+from __future__ import annotations
+
+import csv as pycsv
+import glob
+import io
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flip.data.download import file_digest
+from flip.data.schemas import label_schema, validate_raw
+from flip.data.sources.base import Field, SourceInfo, clean_text, read_delimited, sql_str
+from flip.errors import DataError, FlipError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import duckdb
+
+    from flip.config import Config, CsvSource
+
+
+def _key(column: str) -> str:
+    key = re.sub(r"[^0-9a-zA-Z]+", "_", column).strip("_").lower()
+    return key or "field"
+
+
+def _files(c: "CsvSource") -> list[Path]:
+    if not c.files:
+        raise FlipError("data.csv.files is empty: list your click-log files (globs allowed) in params.yaml")
+    found: list[Path] = []
+    for pattern in c.files:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise DataError("no file matches this pattern", file=pattern,
+                            fix="fix data.csv.files in params.yaml (paths are relative to the project root)")
+        found += [Path(m) for m in matches]
+    return found
+
+
+def info(cfg: "Config") -> SourceInfo:
+    c = cfg.data.csv
+    if not c.fields:
+        raise FlipError("data.csv.fields is empty: list the feature columns with human-readable names")
+    fields = [Field(_key(f.column), f.name) for f in c.fields]
+    keys = [f.key for f in fields]
+    if len(set(keys)) != len(keys):
+        raise FlipError(f"data.csv.fields: two columns map to the same field name ({keys})")
+    by_column = {f.column: _key(f.column) for f in c.fields}
+    return SourceInfo(
+        name="csv", directory="csv", fields=fields, files=[], user_field=by_column.get(c.user, ""),
+        item_field=by_column.get(c.item, ""),
+        label_rule=(f"{c.label}: drop where {c.drop or 'never'}; 1 where {c.positive}" if c.positive
+                    else f"{c.label} holds 0/1"),
+        split_rule=(f"sorted by ({c.timestamp}, {c.user or 'file order'}, {c.item or 'file order'})"
+                    if c.timestamp else "file order (no timestamp column)"),
+    )
+
+
+def manifest(cfg: "Config") -> dict[str, Any]:
+    files = _files(cfg.data.csv)
+    return {"origin": "user files", "files": {str(p): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+                                              for p in files}}
+
+
+def _header(path: Path, c: "CsvSource") -> list[str]:
+    with open(path, "rb") as fh:
+        first = fh.readline()
+    try:
+        line = first.decode(c.encoding.replace("latin-1", "latin_1"))
+    except UnicodeDecodeError:
+        raise DataError(f"the header is not valid {c.encoding}", file=str(path), row=1,
+                        fix="re-save the file in UTF-8 or set data.csv.encoding (e.g. latin-1)") from None
+    return [h.strip() for h in next(pycsv.reader(io.StringIO(line), delimiter=c.delimiter))]
+
+
+def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
+    c = cfg.data.csv
+    needed = [f.column for f in c.fields] + [c.label] + [x for x in (c.timestamp, c.user, c.item) if x]
+    needed = list(dict.fromkeys(needed))
+    parts = []
+    for i, path in enumerate(_files(c)):
+        table = f"part_{i}"
+        if path.suffix == ".parquet":
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT row_number() OVER () AS _row, * "
+                        f"FROM read_parquet({sql_str(str(path))})")
+            columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()][1:]
+            header = False
+        else:
+            if path.stat().st_size == 0:
+                raise DataError("file is empty", file=str(path), fix="re-export the click log with a header row")
+            columns = _header(path, c)
+            read_delimited(con, path, table, columns, delim=c.delimiter, header=True, encoding=c.encoding,
+                           quote='"', escape='"', fix="re-export the click log")
+            header = True
+        missing = [col for col in needed if col not in columns]
+        if missing:
+            raise DataError(
+                f"missing column(s) {', '.join(missing)}; the file has: {', '.join(columns)}",
+                file=str(path), row=1, column=missing[0],
+                fix="rename the columns in the file or fix data.csv in params.yaml",
+            )
+        con.execute(f'CREATE OR REPLACE TABLE {table}_lab AS SELECT _row, "{c.label}"::VARCHAR AS label FROM {table}')
+        validate_raw(con, f"{table}_lab", path, label_schema(positive_only=not c.positive), header=header)
+        if c.timestamp:
+            ts = (f'coalesce(TRY_CAST("{c.timestamp}" AS BIGINT), '
+                  f'epoch(TRY_CAST("{c.timestamp}"::VARCHAR AS TIMESTAMP))::BIGINT)')
+            bad = con.execute(f'SELECT _row, "{c.timestamp}" FROM {table} WHERE {ts} IS NULL ORDER BY _row LIMIT 1'
+                              ).fetchone()
+            if bad:
+                raise DataError("timestamp is neither epoch seconds nor a date/time", file=str(path),
+                                row=int(bad[0]) + int(header), column=c.timestamp, value=bad[1],
+                                fix="use epoch seconds or ISO 8601 (2024-05-01 12:00:00), or drop the row")
+        else:
+            ts = f"({i}::BIGINT << 40) + _row"
+        value = f'"{c.label}"::DOUBLE'
+        label = f"CASE WHEN ({c.positive.replace('value', value)}) THEN 1 ELSE 0 END" if c.positive else \
+            f'"{c.label}"::INT'
+        where = f"WHERE NOT ({c.drop.replace('value', value)})" if c.drop else ""
+        values = ", ".join(f'{clean_text(f"{chr(34)}{f.column}{chr(34)}::VARCHAR")} AS v_{k}'
+                           for k, f in enumerate(c.fields))
+        user = f'"{c.user}"::VARCHAR' if c.user else "''"
+        item = f'"{c.item}"::VARCHAR' if c.item else "''"
+        parts.append(f"SELECT {label} AS label, {ts} AS ts, {user} AS sort_user, {item} AS sort_item, {values} "
+                     f"FROM {table} {where}")
+    try:
+        con.execute("CREATE OR REPLACE TABLE samples AS " + " UNION ALL ".join(parts))
+    except Exception as exc:  # a label rule that is not valid SQL
+        raise FlipError(f"data.csv.positive / data.csv.drop could not be applied: {str(exc).splitlines()[0]}. "
+                        "Write them as SQL over `value`, e.g. positive: \"value > 3\"") from exc

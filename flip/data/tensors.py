@@ -1,0 +1,76 @@
+"""Processed Parquet -> in-memory tensors, loaded once; batches are index slices, no per-row Python.
+
+Imports only torch, pyarrow and the standard library so that training runs on a bare GPU machine.
+
+The processed dataset directory (written by ``flip preprocess``) holds ``{train,valid,test}.parquet``
+and ``meta.json``. Each split has one int32 column per field (global feature ids: 0 = padding,
+1 = the shared ``[MASK]`` feature, then per field ``offset`` = that field's OOV id and
+``offset+1 .. offset+size-1`` its training-split values), ``label`` (0/1), ``timestamp``, ``row``
+(position in the global time order), ``text`` and the character spans ``span_start``/``span_end``
+of every field's value inside ``text``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+SPLITS = ("train", "valid", "test")
+
+
+def load_meta(dataset_dir: str | Path) -> dict[str, Any]:
+    with open(Path(dataset_dir) / "meta.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def field_names(meta: dict[str, Any]) -> list[str]:
+    return [f["name"] for f in meta["fields"]]
+
+
+@dataclass
+class TabularSplit:
+    """One split as tensors: ``x`` (N, F) int64 global feature ids, ``y`` (N,) float32 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def to(self, device: torch.device | str) -> "TabularSplit":
+        return TabularSplit(self.x.to(device), self.y.to(device))
+
+    def head(self, n: int) -> "TabularSplit":
+        return TabularSplit(self.x[:n], self.y[:n]) if 0 < n < len(self) else self
+
+
+def load_tabular(dataset_dir: str | Path, split: str) -> TabularSplit:
+    """Read the field id columns and the label of ``split`` into tensors."""
+    meta = load_meta(dataset_dir)
+    names = field_names(meta)
+    table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=[*names, "label"])
+    x = torch.stack([torch.from_numpy(table.column(n).to_numpy().astype("int64")) for n in names], dim=1)
+    y = torch.from_numpy(table.column("label").to_numpy().astype("float32"))
+    return TabularSplit(x=x, y=y)
+
+
+def load_text(dataset_dir: str | Path, split: str) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """Texts and per-field character spans (start, end) of ``split``."""
+    table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=["text", "span_start", "span_end"])
+    return (
+        table.column("text").to_pylist(),
+        table.column("span_start").to_pylist(),
+        table.column("span_end").to_pylist(),
+    )
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = False):
+    """Yield index tensors covering ``range(n)``: a shuffled permutation or contiguous slices."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]

@@ -1,0 +1,142 @@
+"""Bad input: every case is one readable paragraph (file, row, column, fix), exit code 2, no output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_bookcrossing, write_ml1m
+from flip.cli import app
+
+runner = CliRunner()
+
+
+def preprocess(raw: Path, out: Path, *overrides: str):
+    args = ["preprocess", "--raw", str(raw), "--out", str(out), "-q"]
+    for o in overrides:
+        args += ["-S", o]
+    return runner.invoke(app, args)
+
+
+def assert_clean_failure(result, out: Path, *fragments: str):
+    assert result.exit_code == 2, result.output
+    message = result.output.replace("\n", " ")
+    assert message.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert "Fix:" in message
+    assert not out.exists(), "no partial output"
+    assert not [p for p in out.parent.glob(".*") if p.name.startswith(f".{out.name}")] if out.parent.exists() else True
+
+
+def ml1m_with(tmp_path: Path, file: str, mutate) -> Path:
+    raw = write_ml1m(tmp_path / "mirror")
+    path = raw / file
+    path.write_bytes(mutate(path.read_bytes()))
+    return raw
+
+
+@pytest.mark.parametrize(
+    "case, file, mutate, fragments",
+    [
+        ("truncated line", "ratings.dat", lambda b: b.replace(b"\n", b"\n2::3\n", 1),
+         ["ratings.dat", "row 2", "'rating'", "missing columns", "truncated"]),
+        ("extra column", "users.dat", lambda b: b.replace(b"\n", b"::extra\n", 1),
+         ["users.dat", "row 1", "too many columns"]),
+        ("malformed number", "ratings.dat", lambda b: b.replace(b"\n", b"\n1::x2::4::978300000\n", 1),
+         ["ratings.dat", "row 2", "'movie_id'", "expected a number", "x2"]),
+        ("label outside the rule", "ratings.dat", lambda b: b + b"1::2::7::978309999\n",
+         ["ratings.dat", "row 61", "'rating'", "1..5"]),
+        ("wrong separator", "ratings.dat", lambda b: b.replace(b"::", b","),
+         ["ratings.dat", "row 1", "separator", "looks separated by ','"]),
+        ("empty file", "movies.dat", lambda b: b"", ["movies.dat", "empty"]),
+        ("header inside a headerless file", "ratings.dat", lambda b: b"UserID::MovieID::Rating::Timestamp\n" + b,
+         ["ratings.dat", "row 1", "header line"]),
+        ("duplicate key", "users.dat", lambda b: b + b"1::F::1::10::48067\n", ["users.dat", "row 6", "duplicate"]),
+        ("unknown movie", "ratings.dat", lambda b: b + b"1::99::4::978309999\n",
+         ["ratings.dat", "row 61", "'movie_id'", "not in movies.dat"]),
+    ],
+)
+def test_movielens_bad_input(tmp_path, case, file, mutate, fragments):
+    raw = ml1m_with(tmp_path, file, mutate)
+    out = tmp_path / "processed" / "movielens-1m"
+    assert_clean_failure(preprocess(raw, out), out, *fragments)
+
+
+def test_wrong_encoding_in_a_csv_log(tmp_path):
+    log = tmp_path / "clicks.csv"
+    log.write_bytes("user,item,label\nu1,caf\xe9,1\nu2,tea,0\n".encode("latin-1"))  # latin-1 bytes, utf-8 declared
+    out = tmp_path / "processed" / "csv"
+    result = preprocess(tmp_path, out, "data.dataset=csv", f"data.csv.files=[{log}]",
+                        "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}]")
+    assert_clean_failure(result, out, "clicks.csv", "row 2", "invalid encoding", "latin-1")
+
+
+def test_missing_column_in_a_csv_log(tmp_path):
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item,clicked\nu1,a,1\n")
+    out = tmp_path / "processed" / "csv"
+    result = preprocess(tmp_path, out, "data.dataset=csv", f"data.csv.files=[{log}]",
+                        "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}]")
+    assert_clean_failure(result, out, "clicks.csv", "missing column(s) label", "the file has: user, item, clicked")
+
+
+def test_duplicate_header_rows_in_a_csv_log(tmp_path):
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item,label\nu1,a,1\nu2,b,0\nuser,item,label\nu3,c,1\n")
+    out = tmp_path / "processed" / "csv"
+    result = preprocess(tmp_path, out, "data.dataset=csv", f"data.csv.files=[{log}]",
+                        "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}]")
+    assert_clean_failure(result, out, "clicks.csv", "row 4", "header line is repeated")
+
+
+def test_labels_outside_the_rule_in_a_csv_log(tmp_path):
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item,label\nu1,a,1\nu2,b,2\n")
+    out = tmp_path / "processed" / "csv"
+    result = preprocess(tmp_path, out, "data.dataset=csv", f"data.csv.files=[{log}]",
+                        "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}]")
+    assert_clean_failure(result, out, "clicks.csv", "row 3", "'label'", "0 or 1")
+
+
+def test_bookcrossing_truncated_quote(tmp_path):
+    raw = write_bookcrossing(tmp_path / "mirror")
+    path = raw / "BX-Book-Ratings.csv"
+    path.write_bytes(path.read_bytes() + b'"9";"0000000001X\n')
+    out = tmp_path / "processed" / "bookcrossing"
+    result = preprocess(raw, out, "data.dataset=bookcrossing")
+    assert_clean_failure(result, out, "BX-Book-Ratings.csv", "row 42")
+
+
+def test_mirror_with_a_missing_file(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    raw = write_ml1m(mirror)
+    (raw / "movies.dat").unlink()
+    out = tmp_path / "raw" / "movielens-1m"
+    monkeypatch.setenv("FLIP_DATA_MIRROR", str(mirror))
+    result = runner.invoke(app, ["download", "--out", str(out), "-q"])
+    assert result.exit_code == 2
+    assert "mirror lacks movies.dat" in result.output and "Fix:" in result.output
+
+
+def test_no_network_and_no_mirror_says_where_to_put_files(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    out = tmp_path / "raw" / "movielens-1m"
+    result = runner.invoke(app, ["download", "--out", str(out), "-q"])
+    assert result.exit_code == 2
+    msg = result.output.replace("\n", " ")
+    assert "cannot download https://files.grouplens.org/datasets/movielens/ml-1m.zip" in msg
+    assert "put ratings.dat, users.dat, movies.dat" in msg and "FLIP_DATA_MIRROR" in msg
+
+
+def test_unknown_override_key_is_rejected(tmp_path):
+    result = runner.invoke(app, ["preprocess", "-S", "preprocess.tset_fraction=0.2", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "unknown key(s) preprocess.tset_fraction" in result.output
