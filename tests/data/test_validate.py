@@ -1,0 +1,85 @@
+"""The validate stage: the pandera contract fails hard on bad processed data; GE writes Data Docs."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from flip.config import load_config
+from flip.data.preprocess import preprocess
+from flip.data.schemas import validate_processed
+from flip.data.tensors import load_meta
+from flip.errors import DataError
+
+
+@pytest.fixture
+def processed(tmp_path):
+    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic.rows=2000"])
+    out = tmp_path / "processed" / "synthetic"
+    preprocess(cfg, tmp_path, out, progress=False)
+    return cfg, out
+
+
+def test_contract_passes_on_fresh_output(processed):
+    _, out = processed
+    summary = validate_processed(out, load_meta(out))
+    assert summary["success"] and summary["splits"]["train"]["rows"] == 1600
+
+
+def rewrite(path, fn):
+    table = pq.read_table(path)
+    pq.write_table(fn(table), path)
+
+
+@pytest.mark.parametrize(
+    "case, split, fn, fragment",
+    [
+        ("id outside its field", "train",
+         lambda t: t.set_column(t.schema.get_field_index("gender"), "gender",
+                                pa.array([999999] * len(t), pa.int32())), "gender"),
+        ("label not 0/1", "valid",
+         lambda t: t.set_column(t.schema.get_field_index("label"), "label", pa.array([2] * len(t), pa.int8())), "label"),
+        ("time order broken", "test", lambda t: t.take(pa.array(list(range(len(t)))[::-1])), "time order"),
+        ("span outside the text", "train",
+         lambda t: t.set_column(t.schema.get_field_index("span_end"), "span_end",
+                                pc.list_slice(t.column("span_end"), 0, 3)), "span"),
+    ],
+)
+def test_contract_failures_are_reported(processed, case, split, fn, fragment):
+    _, out = processed
+    rewrite(out / f"{split}.parquet", fn)
+    with pytest.raises(DataError) as err:
+        validate_processed(out, load_meta(out))
+    assert f"{split}.parquet" in str(err.value) and fragment in str(err.value)
+
+
+def test_leakage_between_splits_is_caught(processed):
+    _, out = processed
+    train = pq.read_table(out / "train.parquet")
+    pq.write_table(train, out / "valid.parquet")  # valid now holds training rows
+    with pytest.raises(DataError, match="overlap"):
+        validate_processed(out, load_meta(out))
+
+
+@pytest.mark.slow
+def test_great_expectations_quality_and_data_docs(processed, tmp_path):
+    from flip.data.quality import validate
+
+    cfg, out = processed
+    reports = tmp_path / "reports"
+    result = validate(cfg, out, reports)
+    assert result["success"] and not result["failures"]
+    assert (reports / "gx_docs" / "index.html").exists()
+    saved = json.loads((reports / "validation.json").read_text())
+    assert saved["counts"]["total"] == 2000 and saved["quality"]["train_quality"]["success"]
+
+    # a label rate outside the band fails the stage and keeps the failed report aside
+    bad = load_config(None, ["data.dataset=synthetic", "validate.positive_rate_band=[0.9, 1.0]"])
+    with pytest.raises(DataError, match="expect_column_mean_to_be_between"):
+        validate(bad, out, reports)
+    assert (reports / "gx_docs-failed" / "index.html").exists()
+    assert json.loads((reports / "validation.json").read_text())["success"]  # previous output untouched
