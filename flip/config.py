@@ -179,6 +179,16 @@ class RunConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Scheduled retraining served by Prefect (flows/serve.py)."""
+
+    name: str = "weekly-retrain"
+    cron: str = "0 3 * * 1"  # Mondays 03:00
+    timezone: str = "UTC"
+    work_pool: str = ""  # empty: serve from this process; else deploy to this work pool
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -188,6 +198,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_bookcrossing, write_ml1m
+from helpers import write_bookcrossing, write_ml1m
 from flip.cli import app
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA, ml1m_available
+from helpers import SHARED_DATA, ml1m_available
 from flip.cli import app
 from flip.data.tensors import load_meta
 

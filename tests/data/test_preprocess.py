@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_bookcrossing, write_goodreads, write_ml1m
+from helpers import write_bookcrossing, write_goodreads, write_ml1m
 from flip.config import load_config
 from flip.data.preprocess import preprocess, split_sizes, text_and_spans_sql
 from flip.data.tensors import load_meta, load_tabular

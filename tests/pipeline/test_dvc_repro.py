@@ -3,44 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dvc_repo(tmp_path, monkeypatch):
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "flip", tmp_path / "flip", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["data"]["dataset"] = "synthetic"
-    params["data"]["synthetic"]["rows"] = 3000
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.chdir(tmp_path)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-    def run(*args: str) -> str:
-        done = subprocess.run(args, capture_output=True, text=True, env=env)
-        assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
-
-    run("git", "init", "-q")
-    run("dvc", "init", "-q")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "init")
-    return run
 
 
 def test_dvc_repro_runs_the_data_stages_and_then_nothing(dvc_repo):

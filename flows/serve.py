@@ -1,0 +1,56 @@
+"""Scheduled retraining: serve (or deploy) the ``retrain`` flow with the cron schedule in params.yaml.
+
+    prefect server start --host 127.0.0.1 --port 4200          # the UI: http://127.0.0.1:4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python flows/serve.py                                        # serves 'retrain/weekly-retrain'
+    prefect deployment run 'retrain/weekly-retrain'              # or "Quick run" in the UI
+
+With ``schedule.work_pool`` set (e.g. ``gpu-pool``), the deployment is registered on that work pool
+instead, and a worker on the GPU machine runs it: ``prefect worker start --pool gpu-pool``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefect.schedules import Cron  # noqa: E402
+
+from flip.config import load_config  # noqa: E402
+from pipeline import retrain  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def deployment(params: str | Path = PROJECT / "params.yaml", project: str | Path = PROJECT):
+    """The ``retrain`` deployment with the schedule from ``params.yaml`` (not yet served or applied)."""
+    cfg = load_config(params).schedule
+    return retrain.to_deployment(
+        name=cfg.name,
+        schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+        parameters={"project": str(project), "pull_new_data": True},
+        description="Weekly FLIP retraining on the newest data: download → … → report (DVC stages).",
+        tags=["flip", "retrain"],
+        work_pool_name=cfg.work_pool or None,
+    )
+
+
+def main() -> None:  # pragma: no cover - long-running
+    cfg = load_config(PROJECT / "params.yaml").schedule
+    if cfg.work_pool:
+        retrain.from_source(source=str(PROJECT), entrypoint="flows/pipeline.py:retrain").deploy(
+            name=cfg.name, work_pool_name=cfg.work_pool, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+            parameters={"project": str(PROJECT), "pull_new_data": True})
+        print(f"deployed retrain/{cfg.name} to work pool {cfg.work_pool}; start a worker: "
+              f"prefect worker start --pool {cfg.work_pool}")
+    else:
+        from prefect import serve
+
+        serve(deployment(), pause_on_shutdown=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,176 @@
+"""flip.train.finetune with the real ID models on the tiny learnable dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flip.evaluate import auc, logloss
+from flip.io import read_json
+from flip.train import SimulatedCrash, finetune, load_ctr_data
+from flip.train.loop import CRASH_ENV
+
+SCORES = [("valid", "auc"), ("valid", "logloss"), ("test", "auc"), ("test", "logloss")]
+
+
+def scores(metrics):
+    return {f"{s}.{m}": metrics[s][m] for s, m in SCORES}
+
+
+def log_records(out, event=None):
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if event is None or r["event"] == event]
+
+
+def test_scratch_learns_and_writes_outputs(tiny_dataset, tmp_path, make_config):
+    cfg = make_config(finetune={"epochs": 6, "patience": 6})
+    metrics = finetune(cfg, tiny_dataset, tmp_path)
+    epochs = log_records(tmp_path, "epoch")
+    losses = [r["train_loss"] for r in epochs]
+    assert losses[-1] < losses[0] - 0.1  # the loss falls
+    assert metrics["valid"]["auc"] > 0.7 and metrics["test"]["auc"] > 0.7
+    for key in ("samples_per_second", "epochs", "best_epoch", "seconds"):
+        assert metrics["train"][key] > 0
+    assert metrics["params"] > 0
+    assert read_json(tmp_path / "config.json") == cfg.to_dict()
+    assert read_json(tmp_path / "metrics.json") == json.loads(json.dumps(metrics))
+    assert not (tmp_path / "checkpoint").exists()
+
+    # predictions and weights are those of the best epoch and reproduce the metrics
+    for split in ("valid", "test"):
+        pred = pq.read_table(tmp_path / "predictions" / f"{split}.parquet")
+        assert pred.column_names == ["row", "label", "prob"]
+        truth = pq.read_table(tiny_dataset / f"{split}.parquet", columns=["row", "label"])
+        assert pred.column("row").to_pylist() == truth.column("row").to_pylist()
+        assert pred.column("label").to_pylist() == truth.column("label").to_pylist()
+        y, p = pred.column("label").to_numpy(), pred.column("prob").to_numpy()
+        assert auc(y, p) == metrics[split]["auc"] and logloss(y, p) == metrics[split]["logloss"]
+    from flip.models import build_id_model
+
+    data = load_ctr_data(tiny_dataset)
+    model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    model.eval()
+    with torch.inference_mode():
+        prob = torch.sigmoid(model(data.splits["test"].x).double()).numpy()
+    assert auc(data.splits["test"].y.numpy(), prob) == pytest.approx(metrics["test"]["auc"], abs=1e-12)
+
+
+def test_early_stopping_keeps_best_valid_weights(tiny_dataset, tmp_path, make_config):
+    # a large learning rate and many epochs: the tiny data is overfitted and validation AUC drops
+    cfg = make_config(finetune={"epochs": 30, "patience": 2, "lr": 0.03, "l2_embedding": 0.0})
+    metrics = finetune(cfg, tiny_dataset, tmp_path)
+    epochs = log_records(tmp_path, "epoch")
+    aucs = [r["valid_auc"] for r in epochs]
+    best = int(np.argmax(aucs)) + 1
+    assert metrics["train"]["best_epoch"] == best
+    assert metrics["train"]["epochs"] == len(epochs) == best + 2 < 30  # stopped after patience epochs
+    assert metrics["valid"]["auc"] == aucs[best - 1] != aucs[-1]  # best weights, not the last ones
+    assert metrics["valid"]["logloss"] == epochs[best - 1]["valid_logloss"]
+    assert log_records(tmp_path, "early_stop")[0]["best_epoch"] == best
+
+
+def test_same_seed_identical_different_seed_different(tiny_dataset, tmp_path, make_config):
+    a = finetune(make_config(run={"seeds": [11]}), tiny_dataset, tmp_path / "a")
+    b = finetune(make_config(run={"seeds": [11]}), tiny_dataset, tmp_path / "b")
+    c = finetune(make_config(run={"seeds": [12]}), tiny_dataset, tmp_path / "c")
+    assert scores(a) == scores(b)
+    assert a["train"]["best_epoch"] == b["train"]["best_epoch"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert scores(a)["valid.auc"] != scores(c)["valid.auc"]
+    assert scores(a)["test.logloss"] != scores(c)["test.logloss"]
+
+
+def test_resume_after_mid_epoch_kill_matches_uninterrupted(tiny_dataset, tmp_path, make_config, monkeypatch):
+    # 3000 rows / 256 = 12 batches per epoch; checkpoints every 5 batches and at epoch ends
+    cfg = make_config(finetune={"epochs": 3, "patience": 3}, run={"checkpoint_every": 5})
+    reference = finetune(make_config(finetune={"epochs": 3, "patience": 3}), tiny_dataset, tmp_path / "ref")
+
+    out = tmp_path / "resumed"
+    monkeypatch.setenv(CRASH_ENV, "19")  # epoch 2, batch 7: the last checkpoint is epoch 2, batch 5
+    with pytest.raises(SimulatedCrash):
+        finetune(cfg, tiny_dataset, out)
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "metrics.json").exists()
+    monkeypatch.setenv(CRASH_ENV, "10")  # killed again, in epoch 3
+    with pytest.raises(SimulatedCrash):
+        finetune(cfg, tiny_dataset, out)
+    monkeypatch.delenv(CRASH_ENV)
+    resumed = finetune(cfg, tiny_dataset, out)
+
+    assert scores(resumed) == scores(reference)
+    for key in ("epochs", "best_epoch", "steps", "loss"):
+        assert resumed["train"][key] == reference["train"][key]
+    resumes = log_records(out, "resume")
+    assert [(r["epoch"], r["step"]) for r in resumes] == [(2, 5), (3, 0)]
+    assert [r["train_loss"] for r in log_records(out, "epoch")] == [
+        r["train_loss"] for r in log_records(tmp_path / "ref", "epoch")
+    ]
+    assert not (out / "checkpoint").exists()
+
+    # a finished run is recognised: nothing is trained again
+    before = (out / "log.jsonl").read_bytes()
+    assert finetune(cfg, tiny_dataset, out) == resumed
+    assert (out / "log.jsonl").read_bytes() == before
+
+
+def test_multi_seed_aggregation(tiny_dataset, tmp_path, make_config):
+    cfg = make_config(finetune={"epochs": 2}, run={"seeds": [1, 2, 3]})
+    agg = finetune(cfg, tiny_dataset, tmp_path)
+    per = [read_json(tmp_path / f"seed-{s}" / "metrics.json") for s in (1, 2, 3)]
+    for s in (1, 2, 3):
+        assert read_json(tmp_path / f"seed-{s}" / "config.json")["run"]["seeds"] == [s]
+    for split, metric in SCORES:
+        values = np.array([m[split][metric] for m in per])
+        assert agg[split][metric] == pytest.approx(values.mean(), rel=1e-12)
+        assert agg["mean"][split][metric] == agg[split][metric]
+        assert agg["std"][split][metric] == pytest.approx(values.std(ddof=1), rel=1e-9)
+        assert [agg["per_seed"][f"seed-{s}"][split][metric] for s in (1, 2, 3)] == list(values)
+    assert read_json(tmp_path / "metrics.json")["seeds"] == [1, 2, 3]
+    assert read_json(tmp_path / "config.json")["run"]["seeds"] == [1, 2, 3]
+    # the seed-2 run alone, in its own directory, gives that seed's numbers
+    alone = finetune(make_config(finetune={"epochs": 2}, run={"seeds": [2]}), tiny_dataset, tmp_path / "alone")
+    assert scores(alone) == scores(per[1])
+
+
+def test_max_rows_and_adamw(tiny_dataset, tmp_path, make_config):
+    cfg = make_config(finetune={"epochs": 1, "max_rows": 1000, "optimizer": "adamw", "weight_decay": 0.01})
+    finetune(cfg, tiny_dataset, tmp_path)
+    start = log_records(tmp_path, "start")[0]
+    assert start["n_train"] == 1000 and start["steps_per_epoch"] == 4
+
+
+def test_unknown_strategy_and_optimizer(tiny_dataset, tmp_path, make_config):
+    with pytest.raises(ValueError, match=r"unknown finetune.strategy='nope'; valid strategies: .*scratch"):
+        finetune(make_config(finetune={"strategy": "nope"}), tiny_dataset, tmp_path)
+    with pytest.raises(ValueError, match=r"not available yet.*scratch"):
+        finetune(make_config(finetune={"strategy": "flip"}), tiny_dataset, tmp_path)
+    with pytest.raises(ValueError, match="adam or adamw"):
+        finetune(make_config(finetune={"optimizer": "sgd"}), tiny_dataset, tmp_path)
+
+
+def test_embedding_regulariser_is_lookup_l2_averaged_over_batch(tiny_dataset, make_config):
+    import torch.nn.functional as F
+
+    from flip.train.finetune import build_scratch
+
+    cfg = make_config(finetune={"l2_embedding": 0.5})
+    data = load_ctr_data(tiny_dataset)
+    task = build_scratch(cfg, data, torch.device("cpu"))
+    task.model.eval()  # no dropout: the two computations see the same network
+    idx = torch.arange(10, 74)
+    x, y = data.train.x[idx], data.train.y[idx]
+    expected = F.binary_cross_entropy_with_logits(task.model(x), y) + 0.5 * task.model.embedding(x).pow(2).sum() / 64
+    assert task.loss(idx).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dcnv2", "dcn", "deepfm", "autoint", "xdeepfm", "pnn", "widedeep", "afn", "afm"])
+def test_every_id_model_trains_with_scratch(tiny_dataset, tmp_path, make_config, name):
+    cfg = make_config(id_model={"name": name, "afn_log_neurons": 16, "attention_dim": 8, "cin_layer_units": [8]},
+                      finetune={"epochs": 1, "max_rows": 1024})
+    metrics = finetune(cfg, tiny_dataset, tmp_path)
+    assert np.isfinite(metrics["valid"]["logloss"]) and metrics["train"]["best_epoch"] == 1
