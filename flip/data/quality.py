@@ -77,7 +77,7 @@ def validate(cfg: Config, data_dir: Path, out_dir: Path) -> dict[str, Any]:
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         ctx.add_data_docs_site(site_name="reports", site_config={
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs)},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         })
         asset = ctx.data_sources.add_pandas("processed").add_dataframe_asset(meta["dataset"])
