@@ -103,8 +103,39 @@ def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
 
     cfg = _config(params, set_)
     out = out or Path("models/finetune") / cfg.finetune.strategy
-    metrics = run(cfg, data or cfg.data.processed_path, out)
+    metrics = run(cfg, data or cfg.data.processed_path, out, pretrained=pretrained)
     typer.echo(f"test AUC {metrics['test']['auc']:.4f}  logloss {metrics['test']['logloss']:.4f}  -> {out}")
+
+
+@app.command()
+@_stage
+def evaluate(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
+             runs: Annotated[Path, typer.Option(help="folder of finetuning runs, one per strategy")] = Path(
+                 "models/finetune")):
+    """Score every finetuned run (AUC, logloss, calibration, cold start) and write Evidently drift reports."""
+    from flip.evaluate.evaluate import evaluate as run
+
+    cfg = _config(params, set_)
+    result = run(cfg, data or cfg.data.processed_path, runs, out or Path("reports"))
+    typer.echo(f"evaluated {', '.join(result['strategies'])}: {result['summary']}")
+
+
+@app.command()
+@_stage
+def report(out: Out = None,
+           pretrain: Annotated[Optional[Path], typer.Option(help="pretraining run directory")] = Path("models/pretrain"),
+           analysis: Annotated[Optional[Path], typer.Option(help="analysis output directory")] = Path(
+               "reports/analysis"),
+           ablations: Annotated[Optional[Path], typer.Option(help="folder of ablation runs")] = Path(
+               "models/ablations"),
+           id_models: Annotated[Optional[Path], typer.Option(help="ID-baseline benchmark JSON")] = Path(
+               "benchmarks/results/id_models.json")):
+    """Write reports/index.html and reports/summary.md: our numbers beside the paper's."""
+    from flip.evaluate.report import report as run
+
+    result = run(out or Path("reports"), pretrain_dir=pretrain, analysis_dir=analysis, ablations_dir=ablations,
+                 id_models=id_models)
+    typer.echo(f"report: {result['html']} ({result['figures']} figures)")
 
 
 def main() -> None:  # pragma: no cover

@@ -26,9 +26,12 @@ def _value(metrics: list[dict], prefix: str) -> Any:
     return None
 
 
-def data_drift(frames: dict[str, Any], fields: list[str], out_dir: Path, *, max_rows: int = 20_000,
-               seed: int = 0) -> dict[str, Any]:
-    """Drift of every field and the label between ``frames['train']`` and each held-out window."""
+def data_drift(train: Any, valid: Any, test: Any, fields: list[str], out_dir: Path, *, slices: int = 4,
+               max_rows: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """Drift of every field and the label between the training split and each held-out window.
+
+    Windows larger than ``max_rows`` are sampled (fixed seed) to keep the reports fast and small.
+    """
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -39,8 +42,8 @@ def data_drift(frames: dict[str, Any], fields: list[str], out_dir: Path, *, max_
         df = df[columns].astype(str)
         return df.sample(n=max_rows, random_state=seed) if len(df) > max_rows else df
 
-    reference = Dataset.from_pandas(prep(frames["train"]), data_definition=definition)
-    windows = {"valid": frames["valid"], "test": frames["test"], **_windows(frames["test"], frames["slices"])}
+    reference = Dataset.from_pandas(prep(train), data_definition=definition)
+    windows = {"valid": valid, "test": test, **_windows(test, slices)}
     summary: dict[str, Any] = {}
     for name, df in windows.items():
         snap = Report([DataDriftPreset(columns=columns)]).run(

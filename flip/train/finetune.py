@@ -1,0 +1,301 @@
+"""CTR finetuning: a registry of strategies, each a small builder of a :class:`~flip.train.loop.Task`.
+
+``finetune(cfg, dataset_dir, out_dir)`` loads the processed splits once, looks up
+``cfg.finetune.strategy`` and runs the generic loop (:func:`flip.train.loop.fit`) for every seed
+in ``cfg.run.seeds`` (see :func:`flip.train.loop.run_seeds` for the output layout).
+
+Strategies
+----------
+``scratch``
+    An ID model from ``flip.models.build_id_model`` trained from random initialisation: Adam (or
+    AdamW when ``finetune.optimizer == "adamw"``) with ``finetune.lr`` and
+    ``finetune.weight_decay``; loss = mean BCE-with-logits + embedding regularisation::
+
+        l2_embedding * (1/B) * sum_{b in batch} sum_{f in fields} ||E[x_bf]||^2
+
+    i.e. the squared L2 norm of the embedding rows *looked up* in the batch, summed over the
+    fields of a sample and averaged over the batch (a row used by several samples counts once per
+    use, so frequent features are regularised more, as in DeepCTR/FuxiCTR-style lookup
+    regularisation; unused rows get no gradient from it). The padding row 0 is zero and frozen.
+
+``flip_id``, ``flip_plm``, ``plm_scratch``, ``flip``
+    Need a pretrained FLIP checkpoint and/or a language model; they are added with
+    :func:`register_strategy` in their own module, each a function
+    ``build(cfg, data, device, pretrained) -> Task``; the loop is not touched. Until then, asking for them
+    raises an error that says so.
+
+Adding a strategy::
+
+    @register_strategy("flip_id", fingerprint=lambda cfg, pretrained: {"weights": sha256_of(pretrained)})
+    def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None) -> Task:
+        model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).to(device)
+        model.load_state_dict(...)  # the ID tower from the pretraining run in ``pretrained``
+        return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data,
+                           cfg.finetune.l2_embedding)
+
+``pretrained`` is the pretraining run directory given to :func:`finetune` (``flip finetune
+--pretrained DIR``), ``None`` when not given. ``fingerprint`` (optional) returns what else, beyond
+the config and the dataset, identifies a run (e.g. a hash of the pretrained weights), so that a
+finished run is not reused after its inputs changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flip.config import Config, FinetuneConfig
+from flip.data.tensors import TabularSplit, load_meta, load_tabular
+from flip.train.loop import (
+    EvalSet,
+    LoopSettings,
+    Task,
+    config_fingerprint,
+    dataset_fingerprint,
+    fit,
+    resolve_device,
+    run_seeds,
+    set_threads,
+)
+
+__all__ = [
+    "CtrData",
+    "PLANNED_STRATEGIES",
+    "Strategy",
+    "TabularTask",
+    "available_strategies",
+    "finetune",
+    "get_strategy",
+    "load_ctr_data",
+    "loop_settings",
+    "make_optimizer",
+    "register_strategy",
+]
+
+# Strategies of the paper that other modules add later (named in the error for an unknown one).
+PLANNED_STRATEGIES = ("flip_id", "flip_plm", "plm_scratch", "flip")
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class CtrData:
+    """The processed splits as tensors on the training device, loaded once per ``finetune`` call."""
+
+    dataset_dir: Path
+    meta: dict[str, Any]
+    splits: dict[str, TabularSplit]  # train (first ``max_rows`` rows when asked), valid, test
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # ``row`` column of valid/test
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.meta["fields"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def train(self) -> TabularSplit:
+        return self.splits["train"]
+
+    def eval_sets(self) -> dict[str, EvalSet]:
+        return {s: EvalSet(y=self.splits[s].y, row=self.rows[s]) for s in ("valid", "test") if s in self.splits}
+
+
+def load_ctr_data(dataset_dir: str | Path, device: torch.device | str = "cpu", max_rows: int = 0) -> CtrData:
+    """Load train/valid/test of a processed dataset onto ``device``; ``max_rows > 0`` keeps the
+    first ``max_rows`` training rows (the time-earliest ones)."""
+    d = Path(dataset_dir)
+    meta = load_meta(d)
+    splits: dict[str, TabularSplit] = {}
+    rows: dict[str, np.ndarray] = {}
+    for split in ("train", "valid", "test"):
+        tab = load_tabular(d, split)
+        if split == "train":
+            tab = tab.head(max_rows)
+        else:
+            rows[split] = pq.read_table(d / f"{split}.parquet", columns=["row"]).column("row").to_numpy().astype(np.int64)
+        splits[split] = tab.to(device)
+    return CtrData(dataset_dir=d, meta=meta, splits=splits, rows=rows)
+
+
+# ------------------------------------------------------------------------------------ optimizer
+def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], fcfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """Adam (``optimizer: adam``, L2 ``weight_decay`` added to the gradient) or AdamW (decoupled
+    ``weight_decay``) with ``lr``. Parameter groups (e.g. a PLM at ``plm_lr``) pass through.
+
+    On CPU the fused implementation is used (one kernel per step over all tensors, same math).
+    """
+    params = [{**p, "params": list(p["params"])} if isinstance(p, dict) else p for p in params]
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    device = tensors[0].device if tensors else None
+    kwargs: dict[str, Any] = {"lr": fcfg.lr, "weight_decay": fcfg.weight_decay}
+    if device is not None and device.type in ("cpu", "cuda"):
+        kwargs["fused"] = True
+    name = fcfg.optimizer.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    raise ValueError(f"finetune.optimizer={fcfg.optimizer!r} is not supported; use adam or adamw")
+
+
+# ----------------------------------------------------------------------------------------- task
+class TabularTask(Task):
+    """An ID model on the tabular splits: BCE-with-logits (mean) + lookup embedding L2.
+
+    Used by ``scratch`` and by any strategy whose model maps (B, F) ids to logits (e.g. a FLIP
+    ID tower loaded from pretraining).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData, l2_embedding: float = 0.0,
+                 scheduler: Any = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.data = data
+        self.l2_embedding = float(l2_embedding)
+        self.train_x, self.train_y = data.train.x, data.train.y
+        self.n_train = len(data.train)
+        self.eval_sets = data.eval_sets()
+        # The regulariser reuses the embedding output of the forward pass (captured by a hook) so
+        # that the table gets one sparse-to-dense gradient per step, not two.
+        self._looked_up: torch.Tensor | None = None
+        if self.l2_embedding > 0:
+            model.embedding.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._looked_up is None and torch.is_grad_enabled():
+            self._looked_up = output
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.train_x.index_select(0, idx)
+        y = self.train_y.index_select(0, idx)
+        self._looked_up = None
+        loss = F.binary_cross_entropy_with_logits(self.model(x), y)
+        if self.l2_embedding > 0:
+            e = self._looked_up if self._looked_up is not None else self.model.embedding(x)
+            self._looked_up = None
+            # (B, F, d) rows this batch looked up: sum of squares (one dot product, the cheapest
+            # form with autograd), averaged over the batch
+            flat = e.reshape(-1)
+            loss = loss + (self.l2_embedding / x.shape[0]) * torch.dot(flat, flat)
+        return loss
+
+    def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(self.data.splits[split].x.index_select(0, idx))
+
+
+# ----------------------------------------------------------------------------------- registry
+StrategyBuilder = Callable[[Config, CtrData, torch.device, "Path | None"], Task]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    build: StrategyBuilder
+    fingerprint: Callable[[Config, "Path | None"], dict[str, Any]] | None = None  # extra run identity
+
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, fingerprint: Callable[[Config, Path | None], dict[str, Any]] | None = None):
+    """Decorator: register ``build(cfg, data, device, pretrained) -> Task`` as strategy ``name``."""
+
+    def decorate(build: StrategyBuilder) -> StrategyBuilder:
+        if name in _STRATEGIES:
+            raise ValueError(f"finetuning strategy {name!r} is registered twice")
+        _STRATEGIES[name] = Strategy(name, build, fingerprint)
+        return build
+
+    return decorate
+
+
+def available_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def get_strategy(name: str) -> Strategy:
+    if name in _STRATEGIES:
+        return _STRATEGIES[name]
+    valid = ", ".join(available_strategies())
+    if name in PLANNED_STRATEGIES:
+        raise ValueError(
+            f"finetune.strategy={name!r} is not available yet (it needs a pretrained FLIP checkpoint "
+            f"and/or a language model and has not been registered); available strategies: {valid}"
+        )
+    raise ValueError(f"unknown finetune.strategy={name!r}; valid strategies: {valid}")
+
+
+@register_strategy("scratch")
+def build_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
+    """ID model from random initialisation (the "w/o FLIP" baseline of the paper); ``pretrained``
+    is ignored."""
+    from flip.models import build_id_model
+
+    model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).to(device)
+    optimizer = make_optimizer(model.parameters(), cfg.finetune)
+    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding)
+
+
+# ---------------------------------------------------------------------------------- entry point
+def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
+    f, r = cfg.finetune, cfg.run
+    return LoopSettings(
+        epochs=f.epochs,
+        batch_size=f.batch_size,
+        eval_batch_size=f.eval_batch_size,
+        patience=f.patience,
+        checkpoint_every=r.checkpoint_every,
+        progress=r.progress,
+        device=str(device),
+    )
+
+
+def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
+             pretrained: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg.finetune.strategy`` on the processed dataset in ``dataset_dir`` for every seed;
+    write the outputs to ``out_dir`` and return the metrics (aggregated over seeds when several).
+
+    ``pretrained``: the pretraining run directory, for the strategies that start from it.
+    """
+    strategy = get_strategy(cfg.finetune.strategy)  # fail before any work
+    dataset_dir = Path(dataset_dir)
+    pretrained = Path(pretrained) if pretrained is not None else None
+    set_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    dataset_id = dataset_fingerprint(dataset_dir)
+    cache: dict[str, CtrData] = {}
+
+    def data() -> CtrData:  # loaded at most once, and only if some seed has work to do
+        if "data" not in cache:
+            cache["data"] = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows)
+        return cache["data"]
+
+    def run_one(cfg_s: Config, out: Path) -> dict[str, Any]:
+        seed = cfg_s.run.seeds[0] if cfg_s.run.seeds else 0
+        config = cfg_s.to_dict()
+        extra = {"stage": "finetune", "dataset": dataset_id}
+        if strategy.fingerprint is not None:
+            extra["strategy"] = strategy.fingerprint(cfg_s, pretrained)
+        return fit(
+            lambda: strategy.build(cfg_s, data(), device, pretrained),
+            loop_settings(cfg_s, device),
+            out,
+            seed=seed,
+            config=config,
+            fingerprint=config_fingerprint(config, seed, extra),
+            info={"stage": "finetune", "strategy": strategy.name, "dataset_dir": str(dataset_dir),
+                  "pretrained": str(pretrained) if pretrained is not None else None},
+        )
+
+    return run_seeds(cfg, out_dir, run_one)

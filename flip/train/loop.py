@@ -1,0 +1,645 @@
+"""The one training loop every strategy runs through (scratch, FLIP finetuning, FLIP pretraining).
+
+A strategy supplies a :class:`Task` - the model, its optimizer (and optional LR scheduler), a
+``loss(idx)`` on a batch of training-row indices and a ``predict(split, idx)`` returning logits -
+and :func:`fit` does everything else:
+
+* **Data order.** Every split is loaded into tensors once (by the strategy). An epoch is a
+  permutation of ``range(n_train)`` drawn from a ``torch.Generator`` seeded with the run's seed;
+  batches are slices of it. No DataLoader, no per-sample Python.
+* **Determinism.** ``torch``/``random``/``numpy`` are seeded before the task is built (so model
+  initialisation is seeded too); the same seed gives bit-identical metrics on CPU.
+* **Early stopping** on validation AUC (when the task has a ``valid`` split): after every epoch
+  the validation split is scored; training stops once ``patience`` epochs in a row brought no
+  improvement (``patience <= 0``: never stop early). The best epoch's weights are kept (a CPU copy
+  of the state dict), restored at the end, and the test split is scored once, with them.
+* **Checkpoints / resume.** ``OUT/checkpoint/state.pt`` (written atomically with ``torch.save`` of
+  plain state dicts and tensors, loaded with ``weights_only=True``) holds the model, optimizer and
+  scheduler states, the best weights, epoch and step-in-epoch, the shuffling generator's state at
+  the start of the epoch (the permutation is re-drawn from it), the partial epoch loss, the
+  early-stopping state, the global RNG states and the log. It is written at the end of every
+  epoch and every ``checkpoint_every`` batches (0 = epoch ends only). Running the same command
+  again continues from it and ends with the same metrics as an uninterrupted run. A finished run
+  (``metrics.json`` plus ``run.json`` whose fingerprint matches) is recognised and not re-run.
+  The checkpoint is removed once the outputs are written.
+* **Logging.** A tqdm bar per epoch (samples/s, ETA; off with ``progress=False``), and
+  ``OUT/log.jsonl``: one ``step`` record every ``log_every`` batches (mean loss since the last
+  record, samples/s), one ``epoch`` record per epoch (train loss, validation metrics, throughput),
+  plus ``start``/``resume``/``early_stop``/``test`` records. The loss is accumulated on the
+  device and only read (one sync) when a record is written.
+* **Outputs** (all atomic; ``metrics.json`` is written last): ``config.json``, ``run.json``
+  (fingerprint, seed, device, versions), ``metrics.json``, ``model.safetensors`` (best weights)
+  and ``predictions/{valid,test}.parquet`` (``row``, ``label``, ``prob``).
+
+Several seeds: :func:`run_seeds` runs each seed in ``OUT/seed-<s>/`` and writes
+``OUT/metrics.json`` with the mean (also at the top level), the sample standard deviation
+(``ddof=1``) and every seed's values, so that paired tests across strategies are possible.
+
+Simulated crash (for tests of resuming): with the environment variable
+``FLIP_CRASH_AFTER_STEPS=K`` set, :func:`fit` raises :class:`SimulatedCrash` after ``K`` training
+batches of the current process (after the batch and after any checkpoint due at that batch),
+as a kill at that point would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from flip.evaluate.metrics import auc as auc_score
+from flip.evaluate.metrics import logloss as logloss_score
+from flip.io import atomic_dir, atomic_file, read_json, write_json
+
+CHECKPOINT_VERSION = 1
+CRASH_ENV = "FLIP_CRASH_AFTER_STEPS"
+
+# Config keys that do not change what a run computes: a finished run or a checkpoint made under
+# different values of these is still reused.
+NON_SEMANTIC_KEYS = (
+    "run.seeds",  # the seed of a run is part of its fingerprint separately
+    "run.progress",
+    "run.threads",
+    "run.device",
+    "run.checkpoint_every",
+    "data.mirror",
+    "data.raw_dir",
+    "data.processed_dir",
+    "preprocess.memory_limit",
+    "preprocess.threads",
+    "validate",
+)
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :func:`fit` when ``FLIP_CRASH_AFTER_STEPS`` asks for a simulated kill."""
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass
+class LoopSettings:
+    """What the loop needs to know; strategies fill it from their config section."""
+
+    epochs: int = 1
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    patience: int = 2  # epochs without validation-AUC improvement before stopping; <= 0: never
+    checkpoint_every: int = 0  # batches between mid-epoch checkpoints; 0 = epoch ends only
+    progress: bool = True
+    device: str = "cpu"
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (pretraining budgets)
+    grad_accum: int = 1  # batches per optimizer step
+    grad_clip: float = 0.0  # > 0: clip the gradient norm to this before each optimizer step
+    log_every: int = 100  # batches between ``step`` records in log.jsonl (one device sync each)
+
+
+@dataclass
+class EvalSet:
+    """Labels and global row ids of a split the loop scores (``predict`` gives the logits)."""
+
+    y: torch.Tensor  # (N,) float labels, any device
+    row: np.ndarray  # (N,) int64: the ``row`` column of the processed split
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+class Task:
+    """What a strategy hands to :func:`fit`.
+
+    Subclasses set ``model`` (every trainable module; its state dict is what is checkpointed,
+    kept as "best" and saved to ``model.safetensors``), ``optimizer``, optionally ``scheduler``
+    (stepped after every optimizer step), ``n_train`` and ``eval_sets`` (``valid``/``test``
+    :class:`EvalSet`; without ``valid`` there is no early stopping, without ``test`` no test
+    metrics), and implement :meth:`loss` and :meth:`predict`. State beyond model/optimizer/
+    scheduler (e.g. a noise sampler) goes through :meth:`extra_state`/:meth:`load_extra_state`.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    n_train: int
+    eval_sets: dict[str, EvalSet]
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """Scalar training loss of the training rows ``idx`` (a LongTensor on the device)."""
+        raise NotImplementedError
+
+    def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx),) logits of rows ``idx`` of ``split``; called in eval mode under inference_mode."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={name!r} but CUDA is not available; use run.device=auto or cpu")
+    return device
+
+
+def set_threads(threads: int) -> None:
+    """``run.threads`` > 0 -> ``torch.set_num_threads``; 0 keeps torch's default."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def config_fingerprint(config: dict[str, Any], seed: int, extra: dict[str, Any] | None = None) -> str:
+    """sha256 over the config keys that change results, the seed and ``extra`` (e.g. the dataset)."""
+    flat = {
+        k: v
+        for k, v in _flatten(config).items()
+        if not any(k == n or k.startswith(n + ".") for n in NON_SEMANTIC_KEYS)
+    }
+    payload = json.dumps({"config": flat, "seed": seed, "extra": extra or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def dataset_fingerprint(dataset_dir: str | Path) -> dict[str, Any]:
+    """Cheap identity of a processed dataset: sha256 of ``meta.json`` and the split file sizes."""
+    d = Path(dataset_dir)
+    meta = hashlib.sha256((d / "meta.json").read_bytes()).hexdigest()
+    sizes = {p.name: p.stat().st_size for p in sorted(d.glob("*.parquet"))}
+    return {"meta_sha256": meta, "sizes": sizes}
+
+
+def finished_metrics(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The metrics of a finished run in ``out_dir`` made with the same fingerprint, else None."""
+    metrics, run = out_dir / "metrics.json", out_dir / "run.json"
+    if not (metrics.exists() and run.exists()):
+        return None
+    try:
+        if read_json(run).get("fingerprint") != fingerprint:
+            return None
+        return read_json(metrics)
+    except (OSError, ValueError):
+        return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model.state_dict()`` (independent storage per tensor)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file`` of a state dict, atomically (tied tensors are copied apart)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def write_predictions(path: Path, row: np.ndarray, y: np.ndarray, prob: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "row": pa.array(np.asarray(row, dtype=np.int64)),
+            "label": pa.array(np.asarray(y).astype(np.int8)),
+            "prob": pa.array(np.asarray(prob, dtype=np.float64)),
+        }
+    )
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"]).astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "random": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@torch.inference_mode()
+def predict_probs(task: Task, split: str, eval_batch_size: int, device: torch.device) -> np.ndarray:
+    """Probabilities (float64) of every row of ``split``, in big contiguous batches."""
+    n = len(task.eval_sets[split])
+    was_training = task.model.training
+    task.model.eval()
+    out = []
+    for start in range(0, n, eval_batch_size):
+        idx = torch.arange(start, min(n, start + eval_batch_size), device=device)
+        out.append(task.predict(split, idx).float())
+    task.model.train(was_training)
+    logits = torch.cat(out) if out else torch.empty(0)
+    return torch.sigmoid(logits.double()).cpu().numpy()
+
+
+def score(task: Task, split: str, eval_batch_size: int, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
+    prob = predict_probs(task, split, eval_batch_size, device)
+    y = task.eval_sets[split].y.detach().cpu().numpy().astype(np.float64)
+    return {"auc": auc_score(y, prob), "logloss": logloss_score(y, prob)}, prob
+
+
+def _improved(value: float, best: float | None) -> bool:
+    if math.isnan(value):
+        return False
+    return best is None or math.isnan(best) or value > best
+
+
+# ----------------------------------------------------------------------------------------- fit
+class _Log:
+    """``log.jsonl`` plus an in-memory copy that travels in the checkpoint."""
+
+    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None) -> None:
+        self.path = path
+        self.records = list(records or [])
+        with atomic_file(path) as tmp:  # rewrite exactly what the checkpoint knew
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def fit(
+    build_task: Callable[[], Task],
+    settings: LoopSettings,
+    out_dir: str | Path,
+    *,
+    seed: int,
+    config: dict[str, Any],
+    fingerprint: str,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one seed in ``out_dir`` (resuming or recognising a finished run) and return metrics.
+
+    ``build_task`` is called after seeding, so model initialisation follows the seed. ``config``
+    is written to ``config.json``; ``fingerprint`` (see :func:`config_fingerprint`) identifies the
+    run for resuming and for recognising a finished one; ``info`` goes into ``run.json``.
+    """
+    out = Path(out_dir)
+    done = finished_metrics(out, fingerprint)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(settings.device) if not isinstance(settings.device, torch.device) else settings.device
+    ckpt_dir = out / "checkpoint"
+    ckpt_file = ckpt_dir / "state.pt"
+
+    ckpt: dict[str, Any] | None = None
+    if ckpt_file.exists():
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != fingerprint:
+            ckpt = None  # made by another configuration: start over
+    if ckpt is None:
+        for name in ("metrics.json", "run.json"):  # a stale result must not pass for this run's
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    seed_everything(seed)
+    task = build_task()
+    model, optimizer = task.model, task.optimizer
+    n_train, bs = int(task.n_train), int(settings.batch_size)
+    if n_train <= 0:
+        raise ValueError("no training rows")
+    steps_per_epoch = math.ceil(n_train / bs)
+    has_valid = "valid" in task.eval_sets
+    accum = max(1, int(settings.grad_accum))
+    generator = torch.Generator().manual_seed(seed)
+
+    # ---- state (fresh or from the checkpoint)
+    epoch, step, global_step = 0, 0, 0
+    phase = "train"
+    best_metric: float | None = None
+    best_epoch, bad_epochs = 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+    epoch_samples = 0
+    seconds = {"train": 0.0, "total": 0.0, "samples": 0}
+    history: list[dict[str, Any]] = []
+    gen_state = generator.get_state()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if task.scheduler is not None and ckpt["scheduler"] is not None:
+            task.scheduler.load_state_dict(ckpt["scheduler"])
+        task.load_extra_state(ckpt["extra"])
+        epoch, step, global_step, phase = ckpt["epoch"], ckpt["step"], ckpt["global_step"], ckpt["phase"]
+        best_metric, best_epoch, bad_epochs = ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        best_state = ckpt["best_model"]
+        epoch_loss = ckpt["epoch_loss"].to(device)
+        epoch_samples = ckpt["epoch_samples"]
+        seconds = dict(ckpt["seconds"])
+        history = list(ckpt["history"])
+        gen_state = ckpt["gen_state"]
+        _set_rng_state(ckpt["rng"])
+        log = _Log(out / "log.jsonl", ckpt["log"])
+        log("resume", epoch=epoch + 1, step=step, global_step=global_step)
+    else:
+        log = _Log(out / "log.jsonl")
+        log("start", seed=seed, device=str(device), n_train=n_train, batch_size=bs,
+            steps_per_epoch=steps_per_epoch, params=count_parameters(model))
+    del ckpt
+
+    def save_checkpoint() -> None:
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "phase": phase,
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "gen_state": gen_state,
+            "epoch_loss": epoch_loss.detach().cpu(),
+            "epoch_samples": epoch_samples,
+            "best_metric": best_metric,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "best_model": best_state,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
+            "extra": task.extra_state(),
+            "rng": _rng_state(),
+            "seconds": {**seconds, "total": seconds["total"] + (time.perf_counter() - t_session)},
+            "history": history,
+            "log": log.records,
+        }
+        with atomic_dir(ckpt_dir) as tmp:
+            torch.save(state, tmp / "state.pt")
+
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    steps_this_process = 0
+    t_session = time.perf_counter()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # ---- training
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    while phase == "train" and epoch < settings.epochs:
+        generator.set_state(gen_state)
+        perm = torch.randperm(n_train, generator=generator).to(device)
+        if step == 0:
+            epoch_loss.zero_()
+            epoch_samples = 0
+        bar = tqdm(
+            total=n_train, initial=min(step * bs, n_train), unit="sample", unit_scale=True,
+            desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not settings.progress,
+            leave=False, dynamic_ncols=True, smoothing=0.1,
+        )
+        window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        window_samples, window_t = 0, time.perf_counter()
+        t_epoch = time.perf_counter()
+        samples_here = 0
+        stop_now = False
+        micro = 0
+        while step < steps_per_epoch:
+            idx = perm[step * bs : (step + 1) * bs]
+            nb = int(idx.shape[0])
+            loss = task.loss(idx)
+            (loss / accum if accum > 1 else loss).backward()
+            micro += 1
+            if micro == accum or step + 1 == steps_per_epoch:
+                if settings.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if task.scheduler is not None:
+                    task.scheduler.step()
+                micro = 0
+                global_step += 1
+            lw = loss.detach().double() * nb
+            epoch_loss += lw
+            window_loss += lw
+            epoch_samples += nb
+            window_samples += nb
+            samples_here += nb
+            step += 1
+            steps_this_process += 1
+            bar.update(nb)
+            if settings.max_steps > 0 and global_step >= settings.max_steps and micro == 0:
+                stop_now = True
+            if step % settings.log_every == 0 or step == steps_per_epoch or stop_now:
+                now = time.perf_counter()
+                mean = (window_loss / max(window_samples, 1)).item()  # the only sync
+                rate = window_samples / max(now - window_t, 1e-9)
+                log("step", epoch=epoch + 1, step=step, global_step=global_step, loss=mean,
+                    samples_per_second=rate, lr=optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+                window_loss.zero_()
+                window_samples = 0
+                window_t = now
+            if (settings.checkpoint_every > 0 and step % settings.checkpoint_every == 0
+                    and micro == 0 and step < steps_per_epoch and not stop_now):
+                t0 = time.perf_counter()
+                save_checkpoint()
+                window_t += time.perf_counter() - t0
+                t_epoch += time.perf_counter() - t0
+            if crash_after and steps_this_process >= crash_after:
+                bar.close()
+                raise SimulatedCrash(f"{CRASH_ENV}={crash_after}: simulated kill after {steps_this_process} batches")
+            if stop_now:
+                break
+        bar.close()
+        t_steps = time.perf_counter() - t_epoch
+        seconds["train"] += t_steps
+        seconds["samples"] += samples_here
+        train_loss = (epoch_loss / max(epoch_samples, 1)).item()
+
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
+                                  "samples_per_second": samples_here / max(t_steps, 1e-9)}
+        if has_valid:
+            valid_metrics, _ = score(task, "valid", settings.eval_batch_size, device)
+            record["valid_auc"], record["valid_logloss"] = valid_metrics["auc"], valid_metrics["logloss"]
+            improved = _improved(valid_metrics["auc"], best_metric)
+        else:
+            improved = True  # no validation split: the latest weights are the best
+        if improved or best_state is None:
+            best_metric = record.get("valid_auc", best_metric)
+            best_epoch, bad_epochs = epoch + 1, 0
+            best_state = _cpu_state(model)
+        else:
+            bad_epochs += 1
+        record["best"] = best_epoch == epoch + 1
+        history.append(record)
+        log("epoch", **record, global_step=global_step)
+        epoch += 1
+        step = 0
+        gen_state = generator.get_state()
+        if stop_now:
+            phase = "done"
+        elif has_valid and settings.patience > 0 and bad_epochs >= settings.patience:
+            phase = "done"
+            log("early_stop", epoch=epoch, best_epoch=best_epoch, best_valid_auc=best_metric)
+        save_checkpoint()
+
+    # ---- final: best weights, score once on test, write outputs
+    phase = "done"
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    metrics: dict[str, Any] = {}
+    predictions_dir = out / "predictions"
+    for split in ("valid", "test"):
+        if split not in task.eval_sets:
+            continue
+        m, prob = score(task, split, settings.eval_batch_size, device)
+        metrics[split] = m
+        es = task.eval_sets[split]
+        write_predictions(predictions_dir / f"{split}.parquet", es.row, es.y.detach().cpu().numpy(), prob)
+        if split == "test":
+            log("test", **m)
+    seconds["total"] += time.perf_counter() - t_session
+    metrics["train"] = {
+        "samples_per_second": seconds["samples"] / max(seconds["train"], 1e-9),
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "steps": global_step,
+        "loss": history[best_epoch - 1]["train_loss"] if history else math.nan,
+        "seconds": seconds["total"],
+    }
+    metrics["params"] = count_parameters(model)
+    save_weights(best_state, out / "model.safetensors")
+    write_json(out / "config.json", config)
+    write_json(out / "run.json", {
+        "fingerprint": fingerprint,
+        "seed": seed,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(info or {}),
+    })
+    write_json(out / "metrics.json", metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- many seeds
+def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean (also at the top level), sample std (ddof=1; 0 for one seed) and per-seed values.
+
+    ``per_seed`` maps seed -> that seed's (nested) metrics. Only numeric leaves are aggregated.
+    """
+    if not per_seed:
+        raise ValueError("no seeds to aggregate")
+    seeds = list(per_seed)
+    flats = {s: _flatten(m) for s, m in per_seed.items()}
+    keys = [k for k, v in flats[seeds[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    mean, std = {}, {}
+    for key in keys:
+        values = np.array([float(flats[s].get(key, math.nan)) for s in seeds], dtype=np.float64)
+        mean[key] = float(values.mean())
+        std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    result = _unflatten(mean)
+    result.update(
+        {
+            "seeds": seeds,
+            "mean": _unflatten(mean),
+            "std": _unflatten(std),
+            "per_seed": {f"seed-{s}": per_seed[s] for s in seeds},
+        }
+    )
+    return result
+
+
+def run_seeds(cfg: Any, out_dir: str | Path, run_one: Callable[[Any, Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``run_one(cfg_with_one_seed, dir)`` per seed of ``cfg.run.seeds``.
+
+    One seed: straight into ``out_dir``. Several: into ``out_dir/seed-<s>/``, then
+    ``out_dir/config.json`` and ``out_dir/metrics.json`` (see :func:`aggregate_seeds`).
+    """
+    out = Path(out_dir)
+    seeds = list(cfg.run.seeds) or [0]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"run.seeds has duplicates: {seeds}")
+    if len(seeds) == 1:
+        return run_one(cfg, out)
+    # outputs of an earlier single-seed run here would pass for this run's: remove them
+    for name in ("metrics.json", "config.json", "run.json", "model.safetensors", "log.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("predictions", "checkpoint"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    per_seed = {}
+    for s in seeds:
+        cfg_s = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seeds=[s]))
+        per_seed[s] = run_one(cfg_s, out / f"seed-{s}")
+    result = aggregate_seeds(per_seed)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    write_json(out / "metrics.json", result)
+    return result
