@@ -1,4 +1,4 @@
-"""`dvc repro` of download → preprocess → validate in a temporary git repo, on synthetic data."""
+"""`dvc repro validate` (download → preprocess → validate) in a temporary git repo, on synthetic data."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_dvc_repro_runs_the_data_stages_and_then_nothing(dvc_repo):
-    out = dvc_repo("dvc", "repro")
+    out = dvc_repo("dvc", "repro", "validate")
     for stage in ("download", "preprocess", "validate"):
         assert f"Running stage '{stage}'" in out
     meta = json.loads(Path("data/processed/synthetic/meta.json").read_text())
@@ -21,7 +21,7 @@ def test_dvc_repro_runs_the_data_stages_and_then_nothing(dvc_repo):
     assert metrics["success"]
     assert Path("reports/gx_docs/index.html").exists()
     # second run: everything is up to date
-    again = dvc_repo("dvc", "repro")
+    again = dvc_repo("dvc", "repro", "validate")
     assert "Running stage" not in again
     # a params change re-runs exactly the stages that read it
     shown = dvc_repo("dvc", "metrics", "show")
@@ -29,5 +29,5 @@ def test_dvc_repro_runs_the_data_stages_and_then_nothing(dvc_repo):
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["preprocess"]["min_count"] = 2
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = dvc_repo("dvc", "repro")
+    third = dvc_repo("dvc", "repro", "validate")
     assert "Running stage 'preprocess'" in third and "Running stage 'download'" not in third

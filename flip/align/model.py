@@ -1,0 +1,234 @@
+"""The FLIP modality-alignment pretraining module (paper §3.3): masking + encoders + MLM/MTM/ICL.
+
+    model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir))
+    out = model(pretrain_batch(tab.x, tokens, idx, device), generator=g)
+    out["loss"].backward()      # w_mlm·MLM + w_mtm·MTM + w_icl·ICL; out["mlm"], out["mtm_acc"], ... for logs
+
+One ``forward`` call does, for a batch of B rows:
+
+1. **Masking** (``flip.align.masking``, with the given ``torch.Generator``): text fields among
+   those whose value tokens survived truncation, tabular fields among the non-padding ones;
+   ``same_fields`` reuses the text choice for the table (``text_mask_ratio`` then decides both).
+   ``field_level_masking=False`` masks as many random non-special tokens per row as the
+   field-level choice would have.
+2. **Encoding** (Eq. 4), each pass run only if some enabled objective needs it:
+   PLM on the complete text once (its [CLS] for ICL, its token states w for MTM's
+   cross-attention) and on the masked text once (ŵ for MLM); the ID model on the complete
+   table (v for MLM and ICL) and on the masked table (v̂ for MTM).
+3. **Losses** (``flip.align.objectives``): ``loss = mlm_weight·MLM + mtm_weight·MTM +
+   icl_weight·ICL``. An objective with weight 0 is neither built nor computed (no parameters, no
+   encoder pass it alone would need): the CTRL baseline is ``mlm_weight=0, mtm_weight=0,
+   icl_weight=1``. With ``joint_reconstruction=False`` MLM does not see v and MTM does not see w
+   (ablation "w/o joint reconstruction").
+
+Returned dict: ``loss`` (with grad) and, detached, for every enabled objective ``<name>`` (its
+loss), ``<name>_acc`` (MLM: top-1 over masked tokens; MTM: NCE = target ranked first among
+1 + K candidates, softmax = top-1 over the candidate space; ICL: top-1 retrieval, both
+directions), and ``mlm_tokens`` / ``mtm_fields`` (number of masked tokens / fields).
+
+Submodules: ``id_model``, ``plm`` (``PlmEncoder``), ``mlm``, ``mtm``, ``icl``. Finetuning loads
+the two encoders separately: ``id_model_state()`` / ``plm_state()`` (or ``split_state_dict`` on a
+saved full state dict; or ``save_parts``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flip.align.masking import (
+    choose_fields,
+    field_token_mask,
+    mask_random_tokens,
+    mask_tabular,
+    mask_text,
+    maskable_tokens,
+)
+from flip.align.objectives import IclObjective, MlmObjective, MtmObjective
+
+OBJECTIVES = ("mlm", "mtm", "icl")
+BATCH_KEYS = ("x", "input_ids", "attention_mask", "field_tok_start", "field_tok_end")
+
+
+def load_feature_counts(dataset_dir: str | os.PathLike, vocab_size: int | None = None) -> torch.Tensor:
+    """``feature_counts.parquet`` (columns id, count) -> dense (vocab_size,) float64 counts."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(dataset_dir) / "feature_counts.parquet", columns=["id", "count"])
+    ids = torch.from_numpy(table.column("id").to_numpy().astype("int64"))
+    counts = torch.from_numpy(table.column("count").to_numpy().astype("float64"))
+    size = int(vocab_size) if vocab_size is not None else int(ids.max()) + 1 if ids.numel() else 0
+    out = torch.zeros(size, dtype=torch.float64)
+    keep = ids < size
+    out[ids[keep]] = counts[keep]
+    return out
+
+
+def pretrain_batch(x: torch.Tensor, tokens: Any, idx: torch.Tensor, device: torch.device | str | None = None,
+                   trim: bool = True) -> dict[str, torch.Tensor]:
+    """The batch ``FlipPretrainModel`` expects, for rows ``idx`` of a split.
+
+    ``x`` (N, F) ids of the split (``flip.data.tensors.load_tabular(...).x``), ``tokens`` its
+    ``flip.data.tokens.TokenizedSplit``. Trailing all-padding token columns are trimmed.
+    """
+    batch = tokens.batch(idx, trim=trim)
+    batch["x"] = x[idx].long()
+    if device is not None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+class FlipPretrainModel(nn.Module):
+    """FLIP pretraining: ID model + PLM + the enabled objective heads (see the module docstring).
+
+    ``id_model``: an ``IdModel`` (``.embedding``, ``.encode(x) -> (B, output_dim)``), ``plm``: a
+    ``PlmEncoder``, ``cfg``: ``PretrainConfig``, ``meta``: the dataset's ``meta.json`` dict
+    (``fields`` with ``offset``/``size``, ``vocab_size``, ``pad_id``, ``mask_id``),
+    ``feature_counts``: (vocab_size,) training frequency of every global id (NCE noise).
+    """
+
+    def __init__(self, id_model: nn.Module, plm: nn.Module, cfg: Any, meta: dict[str, Any],
+                 feature_counts: torch.Tensor | Any) -> None:
+        super().__init__()
+        weights = {name: float(getattr(cfg, f"{name}_weight")) for name in OBJECTIVES}
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f"pretraining loss weights must be >= 0 and not all 0, got {weights}")
+        self.cfg = cfg
+        self.weights = weights
+        self.id_model = id_model
+        self.plm = plm
+        fields = meta["fields"]
+        self.num_fields = len(fields)
+        self.pad_id = int(meta.get("pad_id", 0))
+        self.mask_id = int(meta.get("mask_id", 1))
+        vocab_size = int(meta["vocab_size"])
+        joint = bool(cfg.joint_reconstruction)
+        tab_dim, text_dim = int(id_model.output_dim), int(plm.hidden_size)
+
+        self.mlm = MlmObjective(text_dim, tab_dim, plm.vocab_size, joint=joint) if weights["mlm"] > 0 else None
+        self.mtm = None
+        if weights["mtm"] > 0:
+            counts = torch.zeros(vocab_size, dtype=torch.float64)
+            given = torch.as_tensor(feature_counts, dtype=torch.float64).flatten()[:vocab_size]
+            counts[: given.numel()] = given
+            self.mtm = MtmObjective(
+                tab_dim, text_dim, int(id_model.embedding.embedding_dim), counts,
+                [(int(f["offset"]), int(f["size"])) for f in fields],
+                joint=joint, loss=cfg.mtm_loss, noise=cfg.nce_noise, num_negatives=int(cfg.nce_negatives),
+            )
+        # ``icl_head`` is not a PretrainConfig knob (yet): "linear" = the paper, "clip" = the authors' code
+        self.icl = (IclObjective(text_dim, tab_dim, int(cfg.projection_dim), float(cfg.temperature), cfg.similarity,
+                                 head=getattr(cfg, "icl_head", "linear"))
+                    if weights["icl"] > 0 else None)
+        self.register_buffer("special_ids", torch.tensor(list(plm.special_token_ids), dtype=torch.long),
+                             persistent=False)
+
+    # ------------------------------------------------------------------------------- masking
+    def mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draw the masks of one batch: ``text_fields``/``tab_fields`` (B, F) bool,
+        ``masked_ids``/``mlm_labels`` (B, L) and ``x_masked`` (B, F), for the enabled objectives."""
+        cfg = self.cfg
+        x = batch["x"]
+        B, F = x.shape
+        out: dict[str, torch.Tensor] = {}
+        need_text = self.mlm is not None or (self.mtm is not None and cfg.same_fields)
+        if need_text:
+            available = batch["field_tok_end"] > batch["field_tok_start"]  # (B, F) not truncated
+            out["text_fields"] = choose_fields(B, F, cfg.text_mask_ratio, generator, available)
+        if self.mlm is not None:
+            ids, start, end = batch["input_ids"], batch["field_tok_start"], batch["field_tok_end"]
+            if cfg.field_level_masking:
+                masked, labels = mask_text(ids, start, end, out["text_fields"], self.plm.mask_token_id)
+            else:  # ablation: as many random tokens per row as the field-level choice covers
+                count = field_token_mask(start, end, out["text_fields"], ids.shape[1]).sum(dim=1)  # (B,)
+                candidates = maskable_tokens(ids, batch["attention_mask"], self.special_ids)
+                masked, labels = mask_random_tokens(ids, candidates, count, self.plm.mask_token_id, generator)
+            out["masked_ids"], out["mlm_labels"] = masked, labels
+        if self.mtm is not None:
+            real = x != self.pad_id
+            if cfg.same_fields:
+                out["tab_fields"] = out["text_fields"] & real
+            else:
+                out["tab_fields"] = choose_fields(B, F, cfg.tab_mask_ratio, generator, real)
+            out["x_masked"] = mask_tabular(x, out["tab_fields"], self.mask_id)
+        return out
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``batch``: ``x`` (B, F) ids, ``input_ids``/``attention_mask`` (B, L) of the complete
+        text, ``field_tok_start``/``field_tok_end`` (B, F). Returns the losses (module docstring)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"pretraining batch lacks {missing}")
+        x, ids, attn = batch["x"].long(), batch["input_ids"].long(), batch["attention_mask"]
+        batch = {**batch, "x": x, "input_ids": ids}
+        m = self.mask(batch, generator)
+
+        need_w = self.icl is not None or (self.mtm is not None and self.mtm.joint)
+        need_v = self.icl is not None or (self.mlm is not None and self.mlm.joint)
+        w = self.plm(ids, attn) if need_w else None  # (B, L, D_t) complete text
+        v = self.id_model.encode(x) if need_v else None  # (B, D_v) complete table
+
+        results: dict[str, dict[str, torch.Tensor]] = {}
+        if self.mlm is not None:
+            w_hat = self.plm(m["masked_ids"], attn)  # (B, L, D_t) masked text
+            results["mlm"] = self.mlm(w_hat, v, m["mlm_labels"])
+        if self.mtm is not None:
+            v_hat = self.id_model.encode(m["x_masked"])  # (B, D_v) masked table
+            results["mtm"] = self.mtm(v_hat, w, attn, x, m["tab_fields"], generator)
+        if self.icl is not None:
+            results["icl"] = self.icl(self.plm.cls(w), v)
+
+        loss = sum(self.weights[name] * r["loss"] for name, r in results.items())
+        out: dict[str, torch.Tensor] = {"loss": loss}
+        for name, r in results.items():
+            out[name] = r["loss"].detach()
+            out[f"{name}_acc"] = r["acc"].detach()
+        if "mlm" in results:
+            out["mlm_tokens"] = results["mlm"]["count"]
+        if "mtm" in results:
+            out["mtm_fields"] = results["mtm"]["count"]
+        return out
+
+    # --------------------------------------------------------------------------- checkpoints
+    def id_model_state(self) -> dict[str, torch.Tensor]:
+        """State dict of the ID model alone (keys as ``IdModel.state_dict()``)."""
+        return self.id_model.state_dict()
+
+    def plm_state(self) -> dict[str, torch.Tensor]:
+        """State dict of the ``PlmEncoder`` alone (keys ``model.*``; load into ``load_plm``'s encoder)."""
+        return self.plm.state_dict()
+
+    @staticmethod
+    def split_state_dict(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """A full ``FlipPretrainModel`` state dict -> {"id_model": ..., "plm": ..., "heads": ...}
+        with the prefixes ``id_model.`` / ``plm.`` stripped (heads keep their full keys)."""
+        parts: dict[str, dict[str, torch.Tensor]] = {"id_model": {}, "plm": {}, "heads": {}}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head in ("id_model", "plm"):
+                parts[head][rest] = value
+            else:
+                parts["heads"][key] = value
+        return parts
+
+    def save_parts(self, directory: str | os.PathLike) -> Path:
+        """Write ``id_model.safetensors`` and the PLM in Hugging Face format under ``plm/``."""
+        from safetensors.torch import save_file
+
+        from flip.io import atomic_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.id_model_state().items()}
+        with atomic_file(directory / "id_model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        self.plm.save_pretrained(directory / "plm")
+        return directory
+
+
+__all__ = ["FlipPretrainModel", "load_feature_counts", "pretrain_batch"]

@@ -1,0 +1,146 @@
+"""The ``analyze`` stage: the paper's alignment figures (§4.6), as PNG plus the numbers as JSON.
+
+* **Fig. 5**: for test rows, mask one field f at a time in the text (every value token → mask
+  token) and one field g at a time in the table (→ the shared ``[MASK]`` id), project [CLS] and v
+  with the pretrained ICL heads, L2-normalise, and average the dot products: an F×F heat map whose
+  diagonal should stand out when the two modalities are aligned field by field.
+* **Fig. 6**: a 2-D SVD projection of the ID model's feature embedding table, for every pretraining
+  run found (the main run and any ablation runs) and for the model trained from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flip.errors import FlipError
+from flip.io import atomic_dir, write_json
+
+
+def _load_pretrained(pretrained: Path, dataset_dir: Path):
+    """Rebuild the pretraining module of a run directory and load its full weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flip.align.model import FlipPretrainModel, load_feature_counts
+    from flip.config import config_from_dict
+    from flip.data.tensors import load_meta
+    from flip.models import build_id_model
+    from flip.models.plm import load_plm
+
+    cfg = config_from_dict(json.loads((pretrained / "config.json").read_text()))
+    meta = load_meta(dataset_dir)
+    cfg.plm.name = str(pretrained / "plm")
+    plm, tokenizer = load_plm(cfg.plm)
+    id_model = build_id_model(cfg.id_model, len(meta["fields"]), meta["vocab_size"])
+    model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir, meta["vocab_size"]))
+    full = pretrained / "model.safetensors"
+    if full.exists():
+        model.load_state_dict(load_file(str(full)), strict=False)
+    id_model.load_state_dict(load_file(str(pretrained / "id_model.safetensors")))
+    model.eval()
+    torch.set_grad_enabled(False)
+    return cfg, meta, model, tokenizer
+
+
+def field_similarity(pretrained: Path, dataset_dir: Path, rows: int = 256) -> dict[str, Any]:
+    """Fig. 5 numbers: S[f, g] = mean_i <z_text(mask f), z_tab(mask g)> over ``rows`` test rows."""
+    import torch
+
+    from flip.align.masking import mask_tabular, mask_text
+    from flip.data.tensors import load_tabular
+    from flip.data.tokens import tokenize_split
+
+    cfg, meta, model, tokenizer = _load_pretrained(pretrained, dataset_dir)
+    if model.icl is None:
+        raise FlipError("the pretraining run has no ICL heads (icl_weight = 0): Fig. 5 needs them")
+    tab = load_tabular(dataset_dir, "test").head(rows)
+    tokens = tokenize_split(dataset_dir, "test", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir).head(rows)
+    batch = tokens.batch(torch.arange(len(tab)))
+    x, ids, attn = tab.x, batch["input_ids"].long(), batch["attention_mask"]
+    start, end = batch["field_tok_start"], batch["field_tok_end"]
+    F = x.shape[1]
+    z_text, z_tab = [], []
+    for f in range(F):
+        chosen = torch.zeros(len(x), F, dtype=torch.bool)
+        chosen[:, f] = True
+        masked, _ = mask_text(ids, start, end, chosen, model.plm.mask_token_id)
+        z_text.append(torch.nn.functional.normalize(model.icl.text_proj(model.plm.cls(model.plm(masked, attn))), dim=-1))
+        v_hat = model.id_model.encode(mask_tabular(x, chosen, model.mask_id))
+        z_tab.append(torch.nn.functional.normalize(model.icl.tab_proj(v_hat), dim=-1))
+    sim = torch.stack([torch.stack([(zt * zb).sum(-1).mean() for zb in z_tab]) for zt in z_text])  # (F, F)
+    names = [f["name"] for f in meta["fields"]]
+    s = sim.numpy()
+    return {"fields": names, "similarity": s.round(5).tolist(), "rows": len(x),
+            "diagonal_mean": float(np.diag(s).mean()), "off_diagonal_mean": float(s[~np.eye(F, dtype=bool)].mean()),
+            "diagonal_is_row_max": int(sum(int(np.argmax(s[i]) == i) for i in range(F)))}
+
+
+def embedding_svd(weights: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    """Fig. 6 numbers: 2-D SVD coordinates of every real feature embedding, with its field."""
+    rows, field_of = [], []
+    for k, f in enumerate(meta["fields"]):
+        ids = np.arange(f["offset"] + 1, f["offset"] + f["size"])
+        rows.append(ids)
+        field_of += [k] * len(ids)
+    ids = np.concatenate(rows)
+    e = weights[ids] - weights[ids].mean(axis=0, keepdims=True)
+    u, s, _ = np.linalg.svd(e, full_matrices=False)
+    coords = u[:, :2] * s[:2]
+    share = (s**2 / (s**2).sum())
+    return {"coords": coords.astype(np.float32), "field": np.array(field_of), "singular_values": s[:8].tolist(),
+            "explained_2d": float(share[:2].sum()),
+            # effective rank (exp of the entropy of the normalised spectrum): low = collapsed into a narrow cone
+            "effective_rank": float(np.exp(-(share * np.log(share + 1e-12)).sum()))}
+
+
+def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: dict[str, Path] | None = None,
+            rows: int = 256) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from safetensors.numpy import load_file
+
+    from flip.data.tensors import load_meta
+
+    dataset_dir, pretrained, out_dir = Path(dataset_dir), Path(pretrained), Path(out_dir)
+    if not (pretrained / "id_model.safetensors").exists():
+        raise FlipError(f"{pretrained} holds no pretraining run: run `flip pretrain` first")
+    meta = load_meta(dataset_dir)
+    result: dict[str, Any] = {}
+    with atomic_dir(out_dir) as tmp:
+        sim = field_similarity(pretrained, dataset_dir, rows)
+        result["fig5"] = {k: v for k, v in sim.items()}
+        fig, ax = plt.subplots(figsize=(5.5, 4.8))
+        im = ax.imshow(np.array(sim["similarity"]), cmap="viridis")
+        ax.set_xticks(range(len(sim["fields"])), [f"Tab-{n}" for n in sim["fields"]], rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_yticks(range(len(sim["fields"])), [f"Text-{n}" for n in sim["fields"]], fontsize=7)
+        ax.set_title("Fig. 5: similarity with one field masked per modality")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(tmp / "fig5_field_similarity.png", dpi=110)
+        plt.close(fig)
+
+        runs = {"FLIP": pretrained / "id_model.safetensors", **{k: Path(v) for k, v in (extra_runs or {}).items()}}
+        runs = {k: p for k, p in runs.items() if p.exists()}
+        fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4), squeeze=False)
+        result["fig6"] = {}
+        for ax, (name, path) in zip(axes[0], runs.items()):
+            state = load_file(str(path))
+            key = next(k for k in state if k.endswith("embedding.weight") and state[k].ndim == 2
+                       and state[k].shape[0] == meta["vocab_size"] and state[k].shape[1] > 1)
+            svd = embedding_svd(state[key], meta)
+            result["fig6"][name] = {k: svd[k] for k in ("singular_values", "explained_2d", "effective_rank")}
+            ax.scatter(svd["coords"][:, 0], svd["coords"][:, 1], c=svd["field"], s=3, cmap="tab10")
+            ax.set_title(f"{name} (effective rank {svd['effective_rank']:.1f})", fontsize=9)
+        fig.suptitle("Fig. 6: 2-D SVD of the feature ID embeddings (colour = field)")
+        fig.tight_layout()
+        fig.savefig(tmp / "fig6_embedding_svd.png", dpi=110)
+        plt.close(fig)
+        write_json(tmp / "analysis.json", result)
+    return result
