@@ -149,6 +149,7 @@ class PretrainConfig:
     mtm_loss: str = "nce"  # nce | softmax (exact, small vocabularies)
     temperature: float = 0.7
     similarity: str = "dot"  # dot (paper) | cosine
+    icl_head: str = "linear"  # linear (paper: two linear layers) | clip (authors' code: residual MLP + LayerNorm)
     projection_dim: int = 128
     precision: str = "auto"  # auto | fp32 | bf16
 
