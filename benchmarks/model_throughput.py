@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from flip.config import IdModelConfig  # noqa: E402
 from flip.models import MODELS, build_id_model  # noqa: E402
+from flip.models import layers  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "model_throughput.json"
 
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused")
+    parser.add_argument(
+        "--stock-dropout", action="store_true",
+        help="use F.dropout everywhere (ablation of layers.Dropout's CPU mask); labels get '+stock_dropout'",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=2012)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -155,20 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.stock_dropout:
+        layers._SERIAL_CPU_BERNOULLI = False  # make layers.Dropout defer to F.dropout
+    suffix = ("+stock_dropout" if args.stock_dropout else "") + ("" if args.optimizer == "fused" else f"+{args.optimizer}")
     info = machine()
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["model_throughput.py", *argv])
+    dropout_kernel = "layers.Dropout (float32-uniform mask)" if layers._serial_cpu_bernoulli() else "F.dropout"
     print(
         f"torch {info['torch']} ({info['torch_cpu_capability']}), {args.threads} threads, {info['cpu']} "
         f"x{info['os_cpu_count']}, batch {args.batch}, {args.fields} fields, vocab {args.vocab}, "
-        f"Adam ({args.optimizer})",
+        f"Adam ({args.optimizer}), dropout via {dropout_kernel}",
         flush=True,
     )
     results = {}
     for label, cfg in variants(args.model or list(MODELS)):
+        label += suffix
         entry = bench(label, cfg, args)
         entry.update(
             batch=args.batch, fields=args.fields, vocab=args.vocab, threads=args.threads,
-            optimizer=f"Adam({args.optimizer})", steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+            optimizer=f"Adam({args.optimizer})", dropout_kernel=dropout_kernel,
+            steps=args.steps, repeats=args.repeats, warmup=args.warmup,
             torch=torch.__version__, machine=info, command=command,
             measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )

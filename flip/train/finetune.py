@@ -225,6 +225,7 @@ def available_strategies() -> list[str]:
 
 
 def get_strategy(name: str) -> Strategy:
+    import flip.train.strategies  # noqa: F401  (registers flip_id, flip_plm, plm_scratch, flip)
     if name in _STRATEGIES:
         return _STRATEGIES[name]
     valid = ", ".join(available_strategies())

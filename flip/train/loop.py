@@ -149,6 +149,10 @@ class Task:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def summary(self) -> dict[str, Any]:
+        """Extra numbers for ``metrics.json`` from the best weights (e.g. FLIP's fusion weight α)."""
+        return {}
+
 
 # ------------------------------------------------------------------------------------- helpers
 def resolve_device(name: str) -> torch.device:
@@ -574,6 +578,7 @@ def fit(
         "seconds": seconds["total"],
     }
     metrics["params"] = count_parameters(model)
+    metrics.update(task.summary())
     save_weights(best_state, out / "model.safetensors")
     write_json(out / "config.json", config)
     write_json(out / "run.json", {

@@ -10,6 +10,7 @@ from flip.config import IdModelConfig
 from flip.models import MODELS, IdModel, build_id_model
 from flip.models.layers import (
     CIN,
+    Dropout,
     CrossNetMix,
     FMInteraction,
     InnerProduct,
@@ -107,11 +108,11 @@ def test_forward_is_logit_of_encode_plus_first_order(name):
     model = build(name).eval()
     x = random_ids(7)
     expected = model.logit(model.encode(x))
-    if model.lr is not None:
-        expected = expected + model.lr.weight.weight[x].sum(dim=(1, 2))
+    if model.first_order is not None:
+        expected = expected + model.first_order.weight.weight[x].sum(dim=(1, 2))
     torch.testing.assert_close(model(x), expected)
     has_lr = name in {"deepfm", "widedeep", "xdeepfm", "afm"}
-    assert (model.lr is not None) == has_lr
+    assert (model.first_order is not None) == has_lr
 
 
 # -------------------------------------------------------------------------------- parameters
@@ -156,7 +157,7 @@ def test_param_count_xdeepfm_autoint_afn_afm():
 @pytest.mark.parametrize("name", NAMES)
 def test_padding_row_zero_and_no_gradient(name):
     model = build(name)
-    tables = [model.embedding] + ([model.lr.weight] if model.lr is not None else [])
+    tables = [model.embedding] + ([model.first_order.weight] if model.first_order is not None else [])
     for table in tables:
         assert torch.all(table.weight[0] == 0)
     x = random_ids(16)
@@ -202,7 +203,7 @@ def test_loss_falls_on_learnable_problem(name):
     x, y = xor_problem()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(60):  # AFM, which must route the signal through its attention, needs ~50
         loss = F.binary_cross_entropy_with_logits(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -211,7 +212,7 @@ def test_loss_falls_on_learnable_problem(name):
     model.eval()
     with torch.no_grad():
         final = F.binary_cross_entropy_with_logits(model(x), y).item()
-    assert final < 0.7 * losses[0], (name, losses[0], final)
+    assert final < 0.5 * losses[0], (name, losses[0], final)
 
 
 # ------------------------------------------------------------------------------- determinism
@@ -286,3 +287,36 @@ def test_self_attention_matches_manual_heads():
         heads.append(w @ v[..., sl])
     expected = torch.relu(torch.cat(heads, -1) + att.residual(e))
     torch.testing.assert_close(att(e), expected)
+
+
+@pytest.mark.parametrize("name", ["dcnv2", "deepfm", "pnn", "afn"])
+def test_batch_norm_variant_trains(name):
+    model = build(name, batch_norm=True)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.dnn.modules())
+    x, y = xor_problem(64)
+    F.binary_cross_entropy_with_logits(model(x), y).backward()
+    model.eval()
+    assert model(x).shape == (64,)
+
+
+def test_outer_product_pnn():
+    torch.manual_seed(0)
+    model = MODELS["pnn"](NUM_FIELDS, VOCAB, embedding_dim=8, dnn_hidden_units=[16], product_type="outer")
+    assert model(random_ids(3)).shape == (3,)
+    assert n_params(model) == VOCAB * 8 + mlp_params(NUM_FIELDS * 8 + 8 * 8, [16]) + 17
+    with pytest.raises(ValueError):
+        MODELS["pnn"](NUM_FIELDS, VOCAB, product_type="kernel")
+
+
+def test_dropout_is_inverted_bernoulli():
+    drop = Dropout(0.25)
+    h = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    out = drop(h)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    out.sum().backward()
+    torch.testing.assert_close(h.grad, out.detach())  # d(h * m / (1-p)) / dh = m / (1-p)
+    assert torch.equal(drop.eval()(h), h)
+    assert torch.equal(Dropout(0.0).train()(h), h)

@@ -147,7 +147,9 @@ def test_max_rows_and_adamw(tiny_dataset, tmp_path, make_config):
 def test_unknown_strategy_and_optimizer(tiny_dataset, tmp_path, make_config):
     with pytest.raises(ValueError, match=r"unknown finetune.strategy='nope'; valid strategies: .*scratch"):
         finetune(make_config(finetune={"strategy": "nope"}), tiny_dataset, tmp_path)
-    with pytest.raises(ValueError, match=r"not available yet.*scratch"):
+    from flip.errors import FlipError  # FLIP's strategies are registered (flip.train.strategies)
+
+    with pytest.raises(FlipError, match=r"run `flip pretrain` first or pass --pretrained DIR"):
         finetune(make_config(finetune={"strategy": "flip"}), tiny_dataset, tmp_path)
     with pytest.raises(ValueError, match="adam or adamw"):
         finetune(make_config(finetune={"optimizer": "sgd"}), tiny_dataset, tmp_path)

