@@ -166,7 +166,12 @@ class FinetuneConfig:
     l2_embedding: float = 1e-4
     patience: int = 2
     eval_batch_size: int = 8192
-    max_rows: int = 0  # 0 = all training rows
+    max_rows: int = 0  # 0 = all training rows (else the first N)
+    # strategies with a language model (flip, flip_plm, plm_scratch), where each row is costly on a CPU:
+    plm_max_rows: int = 0  # 0 = all; else train on the last (most recent) N training rows
+    plm_eval_rows: int = 0  # 0 = all; else at most N validation and N test rows, evenly spaced in time
+    plm_epochs: int = 0  # 0 = epochs
+    plm_batch_size: int = 0  # 0 = batch_size
     alpha_init: float = 0.0
 
 

@@ -79,6 +79,7 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, slic
                               "user_field": meta.get("user_field"), "item_field": meta.get("item_field"),
                               "strategies": {}}
     plots: dict[str, Any] = {"reliability": {}, "roc": {}}
+    test_preds: dict[str, Any] = {}
     with atomic_dir(out_dir / "evidently") as ev:
         result["data_drift"] = data_drift(frames["train"], frames["valid"], frames["test"], fields, ev,
                                           slices=slices, max_rows=drift_rows, seed=cfg.run.seeds[0])
@@ -97,8 +98,18 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, slic
                     plots["reliability"][name] = [{**b, "strategy": name} for b in cal["bins"] if b["count"]]
                     plots["roc"][name] = [{**pt, "strategy": name} for pt in roc_points(y, prob)]
                 preds[split] = pd.DataFrame({"label": y, "pred": prob})
+                if split == "test":
+                    test_preds[name] = p[["row", "label", "prob"]]
             entry["prediction_drift"] = prediction_drift(name, preds["valid"], preds["test"], ev, slices=slices)
             result["strategies"][name] = entry
+    # strategies scored on different rows (a language model on a subsample): compare on the common rows
+    common = set.intersection(*(set(p["row"].tolist()) for p in test_preds.values()))
+    if any(len(p) != len(common) for p in test_preds.values()):
+        for name, p in test_preds.items():
+            q = p[p["row"].isin(common)]
+            y, prob = q["label"].to_numpy(np.float64), q["prob"].to_numpy(np.float64)
+            result["strategies"][name]["test_common"] = {"rows": len(q), "auc": auc(y, prob),
+                                                         "logloss": logloss(y, prob)}
     for kind, per in plots.items():
         for name, rows in per.items():
             write_json(out_dir / "plots" / kind / f"{name}.json", rows)

@@ -108,9 +108,11 @@ def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir:
     rows = []
     for name, s in ev["strategies"].items():
         ref = paper.get(STRATEGY_ROW.get(name, ""), (None, None))
+        common = s.get("test_common", {})
         rows.append([name, STRATEGY_ROW.get(name, name), s["valid"]["auc"], s["test"]["auc"], s["test"]["logloss"],
-                     s["test"]["ece"], ref[0], ref[1]])
-    main_h, main_md = _table(["strategy", "paper row", "valid AUC", "test AUC", "test logloss", "test ECE",
+                     s["test"]["rows"], common.get("auc"), common.get("logloss"), s["test"]["ece"], ref[0], ref[1]])
+    main_h, main_md = _table(["strategy", "paper row", "valid AUC", "test AUC", "test logloss", "test rows",
+                              "AUC on common rows", "logloss on common rows", "test ECE",
                               f"paper AUC ({dataset})", "paper logloss"], rows)
 
     sections_h, sections_md = [], []

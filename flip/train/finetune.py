@@ -93,6 +93,32 @@ class CtrData:
     meta: dict[str, Any]
     splits: dict[str, TabularSplit]  # train (first ``max_rows`` rows when asked), valid, test
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # ``row`` column of valid/test
+    # positions of the kept rows in each split file (None = its first len(split) rows)
+    positions: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    def subset(self, train_last: int = 0, eval_rows: int = 0) -> "CtrData":
+        """The last ``train_last`` training rows (the most recent) and at most ``eval_rows`` rows of
+        valid and test, evenly spaced in time (a fixed, deterministic subsample); 0 keeps all.
+        Used where every row is expensive (a language model on a CPU: ``finetune.plm_max_rows``,
+        ``finetune.plm_eval_rows``)."""
+        splits, rows, positions = dict(self.splits), dict(self.rows), dict(self.positions)
+        n = len(self.splits["train"])
+        if 0 < train_last < n:
+            keep = torch.arange(n - train_last, n)
+            base = self.positions.get("train")
+            positions["train"] = (base if base is not None else np.arange(n))[keep.numpy()]
+            t = self.splits["train"]
+            splits["train"] = TabularSplit(t.x[keep.to(t.x.device)], t.y[keep.to(t.y.device)])
+        for split in ("valid", "test"):
+            m = len(self.splits[split])
+            if 0 < eval_rows < m:
+                pick = np.unique(np.linspace(0, m - 1, eval_rows).round().astype(np.int64))
+                base = self.positions.get(split)
+                positions[split] = (base if base is not None else np.arange(m))[pick]
+                t, idx = self.splits[split], torch.from_numpy(pick)
+                splits[split] = TabularSplit(t.x[idx.to(t.x.device)], t.y[idx.to(t.y.device)])
+                rows[split] = self.rows[split][pick]
+        return CtrData(self.dataset_dir, self.meta, splits, rows, positions)
 
     @property
     def num_fields(self) -> int:
@@ -249,11 +275,17 @@ def build_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: 
 
 
 # ---------------------------------------------------------------------------------- entry point
+PLM_STRATEGIES = ("flip", "flip_plm", "plm_scratch")
+
+
 def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
+    """Epochs and batch size from ``finetune``; strategies with a language model use ``plm_epochs`` /
+    ``plm_batch_size`` where those are set (> 0)."""
     f, r = cfg.finetune, cfg.run
+    plm = f.strategy in PLM_STRATEGIES
     return LoopSettings(
-        epochs=f.epochs,
-        batch_size=f.batch_size,
+        epochs=(f.plm_epochs or f.epochs) if plm else f.epochs,
+        batch_size=(f.plm_batch_size or f.batch_size) if plm else f.batch_size,
         eval_batch_size=f.eval_batch_size,
         patience=f.patience,
         checkpoint_every=r.checkpoint_every,

@@ -166,7 +166,13 @@ def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.d
     for split, tab in data.splits.items():
         tokens = tokenize_split(data.dataset_dir, split, tokenizer, cfg.plm.max_length, cfg.plm.cache_dir,
                                 progress=cfg.run.progress)
-        tokens = tokens.head(len(tab))
+        pos = data.positions.get(split)
+        if pos is not None:
+            idx = torch.from_numpy(pos)
+            tokens = TokenizedSplit(tokens.input_ids[idx], tokens.attention_mask[idx], tokens.field_tok_start[idx],
+                                    tokens.field_tok_end[idx], tokens.pad_token_id, dict(tokens.info))
+        else:
+            tokens = tokens.head(len(tab))
         if len(tokens) != len(tab):
             raise ValueError(f"{data.dataset_dir}/{split}: {len(tokens)} tokenized rows for {len(tab)} rows")
         out[split] = _tokens_to(tokens, device)
@@ -298,7 +304,13 @@ def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: 
     return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data, cfg.finetune.l2_embedding)
 
 
+def plm_rows(cfg: Config, data: CtrData) -> CtrData:
+    """Strategies with a language model use ``finetune.plm_max_rows`` / ``plm_eval_rows`` (0 = all)."""
+    return data.subset(cfg.finetune.plm_max_rows, cfg.finetune.plm_eval_rows)
+
+
 def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -> Task:
+    data = plm_rows(cfg, data)
     plm, tokenizer = _load_plm_from(plm_name, cfg)
     model = PlmClassifier(plm).to(device)
     tokens = load_text_splits(cfg, data, tokenizer, device)
@@ -326,6 +338,7 @@ def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Pat
 
     pdir = pretrained_dir(pretrained, "flip")
     _check_id_model(cfg, pdir, data)
+    data = plm_rows(cfg, data)
     id_model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
     load_pretrained_id_model(id_model, pdir)
     plm, tokenizer = _load_plm_from(str(pdir / "plm"), cfg)

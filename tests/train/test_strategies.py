@@ -23,7 +23,7 @@ from tiny_plm import make_tiny_bert  # noqa: E402
 from flip.config import config_from_dict  # noqa: E402
 from flip.errors import FlipError  # noqa: E402
 from flip.train import finetune, load_ctr_data  # noqa: E402
-from flip.train.loop import CRASH_ENV, SimulatedCrash, Task, seed_everything  # noqa: E402
+from flip.train.loop import CRASH_ENV, SimulatedCrash, seed_everything  # noqa: E402
 from flip.train.pretrain import pretrain  # noqa: E402
 
 ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
@@ -146,6 +146,7 @@ def test_flip_alpha_in_metrics(env, tmp_path):
     data, _, _, pre = env
     metrics = finetune(strategy_cfg(env, "flip", epochs=1), data, tmp_path, pretrained=pre)
     assert metrics["alpha"] == pytest.approx(load_file(tmp_path / "model.safetensors")["alpha"].item())
+    assert json.loads((tmp_path / "metrics.json").read_text())["alpha"] == metrics["alpha"]
 
 
 def test_missing_or_incomplete_pretraining_run_is_a_clear_error(env, tmp_path):
