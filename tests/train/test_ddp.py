@@ -18,7 +18,8 @@ How the randomness is made identical (``flip.train.pretrain`` docstring has the 
 What is compared: the logged (all-reduced) losses, the gradients after DDP's all-reduce and the
 parameters after an AdamW step, against the same steps in one process. With ICL on, the loss values
 agree, but ``flip.align.objectives`` gathers the other ranks' ICL embeddings without gradient (as
-the authors' code does), so only the MLM/MTM heads' gradients are compared there.
+the authors' code does), so only the MLM/MTM heads' gradients are compared there (an xfail test
+states the exact comparison that an autograd all_gather in the objectives would make pass).
 """
 
 from __future__ import annotations
@@ -104,14 +105,19 @@ def run_steps(tree: dict, data_dir: str) -> dict:
     }
 
 
-def _step_worker(rank: int, world: int, init_file: str, trees: dict, data_dir: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, trees: dict, e2e_tree: dict, data_dir: str, out_dir: str) -> None:
+    """One rank: the step-level cases, then a whole ``pretrain()`` run (in the same process group)."""
     import torch.distributed as dist
+
+    from flip.config import config_from_dict
+    from flip.train.pretrain import pretrain
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {name: run_steps(tree, data_dir) for name, tree in trees.items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        pretrain(config_from_dict(e2e_tree), data_dir, Path(out_dir) / "ddp")
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -136,12 +142,26 @@ def close(a: dict, b: dict, atol: float = 1e-6, rtol: float = 1e-5, keys=None) -
     return [k for k in (keys if keys is not None else a) if not torch.allclose(a[k], b[k], atol=atol, rtol=rtol)]
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_process_step_by_step(env, tmp_path):
+def e2e_tree(env) -> dict:
+    tree = cfg_tree(env, mlm_weight=0.0, icl_weight=0.0, batch_size=50, max_steps=6)
+    tree["run"]["checkpoint_every"] = 2
+    return tree
+
+
+@pytest.fixture(scope="module")
+def ddp_run(env, tmp_path_factory):
+    """Spawn the two gloo ranks once: step-level results per rank + a pretraining run in ``out/ddp``."""
+    out = tmp_path_factory.mktemp("ranks")
     trees = {name: cfg_tree(env, **values) for name, values in CASES.items()}
+    spawn(_worker, lambda r: (r, 2, str(out / "init"), trees, e2e_tree(env), env[0], str(out)))
+    return trees, out
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_step_by_step(env, ddp_run):
+    trees, out = ddp_run
     single = {name: run_steps(tree, env[0]) for name, tree in trees.items()}
-    spawn(_step_worker, lambda r: (r, 2, str(tmp_path / "init"), trees, env[0], str(tmp_path)))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     for name in CASES:
         one, r0, r1 = single[name], ranks[0][name], ranks[1][name]
@@ -168,34 +188,28 @@ def test_two_ranks_match_one_process_step_by_step(env, tmp_path):
             assert heads and not close(r0["grads"], one["grads"], keys=heads), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pretrain_worker(rank: int, world: int, port: int, tree: dict, data_dir: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from flip.config import config_from_dict
-    from flip.train.pretrain import pretrain
-
-    pretrain(config_from_dict(tree), data_dir, out)
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="flip.align.objectives gathers the other ranks' ICL embeddings without "
+                   "gradient; with an autograd all_gather (torch.distributed.nn.functional.all_gather) the ICL "
+                   "gradient of 2 ranks equals one process's (checked by hand): then remove this marker")
+def test_icl_gradient_matches_one_process(env, ddp_run):
+    """With the paper's dot-product similarity the partial gradient is not harmless: in a 2-rank run
+    of ICL alone (tiny models, lr 2e-3) the ICL loss climbed from log(B) to above 2·log(B) while one
+    process stayed at log(B); with the autograd gather both agree."""
+    trees, out = ddp_run
+    one = run_steps(trees["all"], env[0])
+    r0 = torch.load(out / "rank0.pt", weights_only=False)["all"]
+    assert not close(r0["grads"], one["grads"])
 
 
 @pytest.mark.slow
-def test_pretrain_under_torchrun_env_matches_one_process(env, tmp_path):
+def test_pretrain_on_two_ranks_matches_one_process(env, ddp_run, tmp_path):
     from safetensors.torch import load_file
 
     from flip.train.pretrain import pretrain
 
-    tree = cfg_tree(env, mlm_weight=0.0, icl_weight=0.0, batch_size=50, max_steps=6)
-    tree["run"]["checkpoint_every"] = 2
-    single = pretrain(config_from_dict(tree), env[0], tmp_path / "single")
-    port = _free_port()
-    spawn(_pretrain_worker, lambda r: (r, 2, port, tree, env[0], str(tmp_path / "ddp")))
-
-    out = tmp_path / "ddp"
+    single = pretrain(config_from_dict(e2e_tree(env)), env[0], tmp_path / "single")
+    out = ddp_run[1] / "ddp"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == single["steps"] == 6
     assert metrics["mtm"] == pytest.approx(single["mtm"], rel=1e-5)
@@ -205,3 +219,30 @@ def test_pretrain_under_torchrun_env_matches_one_process(env, tmp_path):
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
     assert a.keys() == b.keys()
     assert not close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_worker(rank: int, world: int, port: int, tree: dict, data_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from flip.config import config_from_dict
+    from flip.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    pretrain(config_from_dict(tree), data_dir, out)
+
+
+@pytest.mark.slow
+def test_torchrun_environment_initialises_and_destroys_the_group(env, tmp_path):
+    """As under ``torchrun``: RANK/WORLD_SIZE/MASTER_* set, no group yet: ``pretrain`` joins (gloo on CPU)."""
+    tree = cfg_tree(env, mlm_weight=0.0, icl_weight=0.0, batch_size=50, max_steps=2)
+    port = _free_port()
+    spawn(_env_worker, lambda r: (r, 2, port, tree, env[0], str(tmp_path / "ddp")))
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
