@@ -9,6 +9,7 @@ readable paragraph on stderr and exit code 2.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -103,6 +104,8 @@ def pretrain(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
     cfg = _config(params, set_)
     out = out or Path("models/pretrain")
     metrics = run(cfg, data or cfg.data.processed_path, out)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     losses = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mlm", "mtm", "icl") if isinstance(metrics.get(k), float))
     typer.echo(f"pretrained {metrics.get('steps', '?')} steps ({losses}) -> {out}")
 

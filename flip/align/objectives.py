@@ -301,12 +301,19 @@ def _field_of_id(vocab_size: int, field_ranges: list[tuple[int, int]]) -> torch.
 
 # =========================================================================================== ICL
 def _gather_keep_local(z: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' ``z`` concatenated in rank order; the local block is ``z`` itself (with grad).
+    """All ranks' ``z`` concatenated in rank order, with gradients flowing to every rank's block.
 
     Returns (all_z (B_total, d), offset of the local block). Without an initialised process group
-    (or with one rank) returns ``(z, 0)``. Ranks may hold different batch sizes.
+    (or with one rank) returns ``(z, 0)``. Ranks may hold different batch sizes. The gather is the
+    autograd one (``torch.distributed.nn.functional.all_gather``): its backward sums, on each rank,
+    the gradients that every rank's loss sends to that rank's block, so with the loss scaled by
+    ``world · n_local / n_global`` and DDP's gradient average, N ranks compute exactly the gradient
+    of one process on the global batch. (The authors' code gathers without gradient, keeping only
+    the local block's: with the paper's dot-product similarity that partial gradient made ICL
+    diverge in a 2-rank run, see tests/train/test_ddp.py.)
     """
     import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z, 0
@@ -316,12 +323,8 @@ def _gather_keep_local(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     dist.all_gather(sizes, size)
     sizes_int = [int(s.item()) for s in sizes]
     biggest = max(sizes_int)
-    padded = torch.zeros((biggest, *z.shape[1:]), dtype=z.dtype, device=z.device)
-    padded[: z.shape[0]] = z.detach()
-    blocks = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(blocks, padded)
-    blocks = [b[:n] for b, n in zip(blocks, sizes_int)]
-    blocks[rank] = z  # keep the gradient of the local block
+    padded = torch.cat([z, z.new_zeros((biggest - z.shape[0], *z.shape[1:]))], dim=0)  # keeps z's graph
+    blocks = [b[:n] for b, n in zip(all_gather(padded), sizes_int)]
     return torch.cat(blocks, dim=0), sum(sizes_int[:rank])
 
 

@@ -42,7 +42,6 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
         model.load_state_dict(load_file(str(full)), strict=False)
     id_model.load_state_dict(load_file(str(pretrained / "id_model.safetensors")))
     model.eval()
-    torch.set_grad_enabled(False)
     return cfg, meta, model, tokenizer
 
 
@@ -50,11 +49,19 @@ def field_similarity(pretrained: Path, dataset_dir: Path, rows: int = 256) -> di
     """Fig. 5 numbers: S[f, g] = mean_i <z_text(mask f), z_tab(mask g)> over ``rows`` test rows."""
     import torch
 
+    cfg, meta, model, tokenizer = _load_pretrained(pretrained, dataset_dir)
+    with torch.no_grad():
+        return _field_similarity(cfg, meta, model, tokenizer, dataset_dir, rows)
+
+
+def _field_similarity(cfg: Any, meta: dict[str, Any], model: Any, tokenizer: Any, dataset_dir: Path,
+                      rows: int) -> dict[str, Any]:
+    import torch
+
     from flip.align.masking import mask_tabular, mask_text
     from flip.data.tensors import load_tabular
     from flip.data.tokens import tokenize_split
 
-    cfg, meta, model, tokenizer = _load_pretrained(pretrained, dataset_dir)
     if model.icl is None:
         raise FlipError("the pretraining run has no ICL heads (icl_weight = 0): Fig. 5 needs them")
     tab = load_tabular(dataset_dir, "test").head(rows)

@@ -189,9 +189,6 @@ def test_two_ranks_match_one_process_step_by_step(env, ddp_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="flip.align.objectives gathers the other ranks' ICL embeddings without "
-                   "gradient; with an autograd all_gather (torch.distributed.nn.functional.all_gather) the ICL "
-                   "gradient of 2 ranks equals one process's (checked by hand): then remove this marker")
 def test_icl_gradient_matches_one_process(env, ddp_run):
     """With the paper's dot-product similarity the partial gradient is not harmless: in a 2-rank run
     of ICL alone (tiny models, lr 2e-3) the ICL loss climbed from log(B) to above 2·log(B) while one

@@ -48,6 +48,15 @@ def env(tmp_path_factory):
     return data, bert, tokens, pre
 
 
+@pytest.fixture(autouse=True)
+def keep_grad_mode():
+    """flip.evaluate.analysis switches autograd off process-wide (torch.set_grad_enabled(False)): restore it
+    so that later tests (e.g. tests/align) are not affected."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 def make_cfg(env, **sections):
     data, bert, tokens, _ = env
     tree = {
