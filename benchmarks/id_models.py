@@ -58,9 +58,22 @@ def main() -> None:
                      "epochs": m["train"]["epochs"], "params": m.get("params"), "seconds": round(time.time() - start),
                      "paper_auc": paper[0], "paper_logloss": paper[1]})
         print(rows[-1], flush=True)
+    # merge with earlier runs of other models (each row keeps the command that produced it)
+    import json
+
+    from common import RESULTS, command
+
+    old = RESULTS / "id_models.json"
+    earlier = json.loads(old.read_text())["models"] if old.exists() else []
+    for r in rows:
+        r["command"] = command()
+    done = {r["model"] for r in rows}
+    merged = [r for r in earlier if r["model"] not in done] + rows
+    merged.sort(key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else 99)
     save("id_models", {"dataset": "movielens-1m copy (users 1-2999; 360,434 samples)", "seeds": a.seeds,
-                       "overrides": a.overrides, "models": rows,
-                       "meets_auc_0.84": all(r["test_auc"] >= 0.84 for r in rows)})
+                       "overrides": a.overrides, "models": merged, "missing": [m for m in MODELS if m not in
+                                                                                {r["model"] for r in merged}],
+                       "meets_auc_0.84": all(r["test_auc"] >= 0.84 for r in merged)})
 
 
 if __name__ == "__main__":
