@@ -248,18 +248,30 @@ def test_cross_net_mix_matches_per_expert_reference():
     layer = CrossNetMix(D, L, r, E)
     with torch.no_grad():
         layer.b.normal_()
+    V, C, U = layer.V, layer.C, layer.U  # FuxiCTR's layout: U, V (L, E, D, r), C (L, E, r, r)
     x0 = torch.randn(6, D)
     x = x0
     for l in range(L):
         outs, gates = [], []
         for e in range(E):
             gates.append(x @ layer.gate[e])  # (B,)
-            v = torch.tanh(x @ layer.V[l, e])  # (B, r)
-            v = torch.tanh(v @ layer.C[l, e].t())
-            outs.append(x0 * (v @ layer.U[l, e].t() + layer.b[l]))  # (B, D)
+            v = torch.tanh(x @ V[l, e])  # (B, r)
+            v = torch.tanh(v @ C[l, e].t())
+            outs.append(x0 * (v @ U[l, e].t() + layer.b[l]))  # (B, D)
         g = torch.softmax(torch.stack(gates, 1), dim=1)  # (B, E)
         x = (torch.stack(outs, 2) * g.unsqueeze(1)).sum(2) + x
     torch.testing.assert_close(layer(x0), x)
+
+
+def test_cross_net_mix_init_matches_fuxictr_scale():
+    torch.manual_seed(0)
+    D, E, r = 256, 4, 32
+    layer = CrossNetMix(D, 2, r, E)
+    std_uv = (2.0 / (D * r + E * r)) ** 0.5  # xavier-normal on an (E, D, r) tensor
+    std_c = (2.0 / (r * r + E * r)) ** 0.5  # ... on an (E, r, r) tensor
+    assert abs(layer.V[0].std().item() / std_uv - 1) < 0.02
+    assert abs(layer.U[1].std().item() / std_uv - 1) < 0.02
+    assert abs(layer.C[0].std().item() / std_c - 1) < 0.05
 
 
 def test_cin_matches_einsum_reference():
