@@ -104,6 +104,11 @@ class TokenizedSplit:
                               self.field_tok_start.to(device), self.field_tok_end.to(device),
                               self.pad_token_id, dict(self.info))
 
+    def take(self, idx: torch.Tensor) -> "TokenizedSplit":
+        """The rows ``idx`` (a LongTensor of positions), in that order."""
+        return TokenizedSplit(self.input_ids[idx], self.attention_mask[idx], self.field_tok_start[idx],
+                              self.field_tok_end[idx], self.pad_token_id, dict(self.info))
+
     def head(self, n: int) -> "TokenizedSplit":
         if not 0 < n < len(self):
             return self

@@ -245,12 +245,6 @@ class PretrainData:
         return int(self.meta["vocab_size"])
 
 
-def _tokens_to(tokens: TokenizedSplit, device: torch.device) -> TokenizedSplit:
-    return TokenizedSplit(tokens.input_ids.to(device), tokens.attention_mask.to(device),
-                          tokens.field_tok_start.to(device), tokens.field_tok_end.to(device),
-                          tokens.pad_token_id, dict(tokens.info))
-
-
 def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, device: torch.device,
                        ctx: DistContext | None = None, progress: bool = True) -> PretrainData:
     """The training split (first ``pretrain.max_rows`` rows when > 0), tokenized with the cache of
@@ -269,7 +263,7 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     if len(tokens) != len(tab):
         raise ValueError(f"{d}: {len(tokens)} tokenized rows for {len(tab)} training rows")
     counts = load_feature_counts(d, int(meta["vocab_size"]))
-    return PretrainData(d, meta, tab.x.to(device), _tokens_to(tokens, device), counts)
+    return PretrainData(d, meta, tab.x.to(device), tokens.to(device), counts)
 
 
 # ------------------------------------------------------------------------------------------ model

@@ -154,12 +154,6 @@ def _fingerprint_plm_scratch(cfg: Config, pretrained: Path | None) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- text
-def _tokens_to(tokens: TokenizedSplit, device: torch.device) -> TokenizedSplit:
-    return TokenizedSplit(tokens.input_ids.to(device), tokens.attention_mask.to(device),
-                          tokens.field_tok_start.to(device), tokens.field_tok_end.to(device),
-                          tokens.pad_token_id, dict(tokens.info))
-
-
 def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.device) -> dict[str, TokenizedSplit]:
     """Tokenized train (its first ``len(data.train)`` rows)/valid/test on ``device``, from the cache."""
     out: dict[str, TokenizedSplit] = {}
@@ -168,14 +162,12 @@ def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.d
                                 progress=cfg.run.progress)
         pos = data.positions.get(split)
         if pos is not None:
-            idx = torch.from_numpy(pos)
-            tokens = TokenizedSplit(tokens.input_ids[idx], tokens.attention_mask[idx], tokens.field_tok_start[idx],
-                                    tokens.field_tok_end[idx], tokens.pad_token_id, dict(tokens.info))
+            tokens = tokens.take(torch.from_numpy(pos))
         else:
             tokens = tokens.head(len(tab))
         if len(tokens) != len(tab):
             raise ValueError(f"{data.dataset_dir}/{split}: {len(tokens)} tokenized rows for {len(tab)} rows")
-        out[split] = _tokens_to(tokens, device)
+        out[split] = tokens.to(device)
     return out
 
 
