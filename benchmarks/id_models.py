@@ -25,7 +25,8 @@ from common import save  # noqa: E402
 from flip.config import load_config  # noqa: E402
 from flip.data.preprocess import preprocess  # noqa: E402
 from flip.evaluate.paper import MODEL_ROW, TABLE2  # noqa: E402
-from flip.train.finetune import finetune  # noqa: E402
+from flip.train.finetune import finetune, finetune_bf16  # noqa: E402
+from flip.train.loop import resolve_device  # noqa: E402
 
 MODELS = ["afm", "pnn", "widedeep", "dcn", "deepfm", "xdeepfm", "afn", "autoint", "dcnv2"]
 
@@ -56,6 +57,7 @@ def main() -> None:
                      "test_auc_std": round(m.get("std", {}).get("test", {}).get("auc", 0.0), 4),
                      "samples_per_second": round(m["train"]["samples_per_second"]),
                      "epochs": m["train"]["epochs"], "params": m.get("params"), "seconds": round(time.time() - start),
+                     "precision": "bf16" if finetune_bf16(cfg, resolve_device(cfg.run.device)) else "fp32",
                      "paper_auc": paper[0], "paper_logloss": paper[1]})
         print(rows[-1], flush=True)
     # merge with earlier runs of other models (each row keeps the command that produced it)

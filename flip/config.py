@@ -151,7 +151,7 @@ class PretrainConfig:
     similarity: str = "dot"  # dot (paper) | cosine
     icl_head: str = "linear"  # linear (paper: two linear layers) | clip (authors' code: residual MLP + LayerNorm)
     projection_dim: int = 128
-    precision: str = "auto"  # auto | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
 
 
 @dataclass
@@ -173,6 +173,7 @@ class FinetuneConfig:
     plm_epochs: int = 0  # 0 = epochs
     plm_batch_size: int = 0  # 0 = batch_size
     alpha_init: float = 0.0
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
 
 
 @dataclass

@@ -17,6 +17,9 @@ Strategies
     fields of a sample and averaged over the batch (a row used by several samples counts once per
     use, so frequent features are regularised more, as in DeepCTR/FuxiCTR-style lookup
     regularisation; unused rows get no gradient from it). The padding row 0 is zero and frozen.
+    ``finetune.precision`` (auto | bf16 | fp32, :mod:`flip.train.precision`) decides whether the
+    forward pass runs under bf16 autocast (auto: where the hardware does bf16 natively); the loss,
+    the weights and the optimizer stay fp32, and validation/test are always scored in fp32.
 
 ``flip_id``, ``flip_plm``, ``plm_scratch``, ``flip``
     Need a pretrained FLIP checkpoint and/or a language model; they are added with
@@ -54,6 +57,7 @@ from torch import nn
 
 from flip.config import Config, FinetuneConfig
 from flip.data.tensors import TabularSplit, load_meta, load_tabular
+from flip.train.precision import autocast, use_bf16
 from flip.train.loop import (
     EvalSet,
     LoopSettings,
@@ -73,6 +77,7 @@ __all__ = [
     "TabularTask",
     "available_strategies",
     "finetune",
+    "finetune_bf16",
     "get_strategy",
     "load_ctr_data",
     "loop_settings",
@@ -183,8 +188,10 @@ class TabularTask(Task):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData, l2_embedding: float = 0.0,
-                 scheduler: Any = None) -> None:
+                 scheduler: Any = None, bf16: bool = False) -> None:
         self.model = model
+        self.bf16 = bool(bf16)
+        self.device = data.train.x.device
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.data = data
@@ -206,7 +213,8 @@ class TabularTask(Task):
         x = self.train_x.index_select(0, idx)
         y = self.train_y.index_select(0, idx)
         self._looked_up = None
-        loss = F.binary_cross_entropy_with_logits(self.model(x), y)
+        with autocast(self.device, self.bf16):  # bf16 matrix products; the loss itself is fp32
+            loss = F.binary_cross_entropy_with_logits(self.model(x).float(), y)
         if self.l2_embedding > 0:
             e = self._looked_up if self._looked_up is not None else self.model.embedding(x)
             self._looked_up = None
@@ -217,6 +225,7 @@ class TabularTask(Task):
         return loss
 
     def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
+        # always fp32: scoring is cheap for an ID model, and bf16 logits would create ties
         return self.model(self.data.splits[split].x.index_select(0, idx))
 
 
@@ -271,7 +280,12 @@ def build_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: 
 
     model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).to(device)
     optimizer = make_optimizer(model.parameters(), cfg.finetune)
-    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding)
+    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding, bf16=finetune_bf16(cfg, device))
+
+
+def finetune_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether finetuning trains under bf16 autocast (``finetune.precision``, see flip.train.precision)."""
+    return use_bf16(cfg.finetune.precision, device, "finetune.precision")
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -328,6 +342,7 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
             config=config,
             fingerprint=config_fingerprint(config, seed, extra),
             info={"stage": "finetune", "strategy": strategy.name, "dataset_dir": str(dataset_dir),
+                  "precision": "bf16" if finetune_bf16(cfg_s, device) else "fp32",
                   "pretrained": str(pretrained) if pretrained is not None else None},
         )
 

@@ -20,9 +20,9 @@ Optimisation
     authors' code computes it and throws it away; finetuning puts a fresh head there).
 
 Precision
-    ``pretrain.precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU; ``bf16`` = bf16
-    autocast on either (CPUs with AVX512-BF16/AMX run it ~2x faster); ``fp32`` = no autocast.
-    Weights and optimizer state stay fp32.
+    ``pretrain.precision`` (see :mod:`flip.train.precision`): ``auto`` = bf16 autocast where
+    the hardware does bf16 natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32; ``bf16`` /
+    ``fp32`` force it. Weights and optimizer state stay fp32.
 
 Randomness, resuming
     The loop seeds everything with ``run.seeds[0]`` (one pretraining run; finetuning repeats
@@ -107,6 +107,7 @@ from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.io import atomic_file, read_json, write_json
+from flip.train.precision import autocast, use_bf16
 from flip.train.loop import (
     LoopSettings,
     Task,
@@ -122,7 +123,6 @@ __all__ = [
     "DistContext",
     "PretrainData",
     "PretrainTask",
-    "autocast",
     "flops_per_sample",
     "init_distributed",
     "load_pretrain_data",
@@ -130,7 +130,6 @@ __all__ = [
     "pretrain",
     "pretrain_fingerprint",
     "pretrain_settings",
-    "use_bf16",
 ]
 
 OBJECTIVES = ("mlm", "mtm", "icl")
@@ -204,22 +203,6 @@ def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-# ------------------------------------------------------------------------------------- precision
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 on CUDA only; ``bf16``: on any device; ``fp32``: never."""
-    p = (precision or "auto").lower()
-    if p not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"pretrain.precision={precision!r} must be auto, bf16 or fp32")
-    return p == "bf16" or (p == "auto" and device.type == "cuda")
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast context on ``device`` (a no-op context when not ``enabled``)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -380,7 +363,7 @@ class PretrainTask(Task):
         self.model = model
         self.n_train = len(data)
         self.eval_sets = {}
-        self.bf16 = use_bf16(pcfg.precision, device)
+        self.bf16 = use_bf16(pcfg.precision, device, "pretrain.precision")
 
         params = [p for p in model.parameters() if p.requires_grad]
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -766,7 +749,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
             return task
 
         info = {"stage": "pretrain", "dataset_dir": str(dataset_dir), "world_size": ctx.world,
-                "plm": cfg.plm.name, "precision": "bf16" if use_bf16(cfg.pretrain.precision, device) else "fp32"}
+                "plm": cfg.plm.name, "precision": "bf16" if use_bf16(cfg.pretrain.precision, device, "pretrain.precision") else "fp32"}
         fit_metrics = fit(build, settings, run_dir, seed=seed, config=cfg.to_dict(), fingerprint=fingerprint, info=info)
         task = holder.get("task")
         summary = task.statistics() if task is not None else None

@@ -34,8 +34,8 @@ finetuning runs.
 Text batches come from the cached ``TokenizedSplit`` of each split (``flip.data.tokens``; the
 tokenizer of the language model used, ``plm.max_length``, ``plm.cache_dir``), trimmed to the
 batch's longest row; evaluation runs in chunks (``EVAL_CHUNK``) whatever ``eval_batch_size`` is.
-The PLM forward runs under bf16 autocast where ``pretrain.precision`` asks for it
-(``flip.train.pretrain.use_bf16``: auto = CUDA only). The ID-model configuration must equal the
+Training and the PLM forward run under bf16 autocast where ``finetune.precision`` asks for it
+(:mod:`flip.train.precision`; auto = where the hardware does bf16 natively). The ID-model configuration must equal the
 pretraining run's (else the weights would not fit): a mismatch is an error naming the keys.
 
 Only torch, safetensors and the standard library are imported (transformers lazily).
@@ -55,9 +55,10 @@ from flip.config import Config
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import FlipError
 from flip.io import read_json
-from flip.train.finetune import CtrData, TabularTask, make_optimizer, register_strategy
+from flip.train.finetune import CtrData, TabularTask, finetune_bf16, make_optimizer, register_strategy
 from flip.train.loop import Task
-from flip.train.pretrain import HEAD_MODULES, autocast, file_sha256, plm_identity, use_bf16
+from flip.train.precision import autocast, use_bf16
+from flip.train.pretrain import HEAD_MODULES, file_sha256, plm_identity
 
 __all__ = [
     "EVAL_CHUNK",
@@ -293,7 +294,8 @@ def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: 
     model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
     load_pretrained_id_model(model, pdir)
     model = model.to(device)
-    return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data, cfg.finetune.l2_embedding)
+    return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data, cfg.finetune.l2_embedding,
+                       bf16=finetune_bf16(cfg, device))
 
 
 def plm_rows(cfg: Config, data: CtrData) -> CtrData:
@@ -307,7 +309,7 @@ def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -
     model = PlmClassifier(plm).to(device)
     tokens = load_text_splits(cfg, data, tokenizer, device)
     return PlmTask(model, _plm_optimizer(cfg, model.parameters()), data, tokens, device,
-                   use_bf16(cfg.pretrain.precision, device), cfg.finetune.eval_batch_size)
+                   finetune_bf16(cfg, device), cfg.finetune.eval_batch_size)
 
 
 @register_strategy("flip_plm", fingerprint=_fingerprint_plm)
@@ -342,5 +344,5 @@ def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Pat
     ]
     tokens = load_text_splits(cfg, data, tokenizer, device)
     return FlipTask(model, make_optimizer(groups, cfg.finetune), data, tokens, device,
-                    use_bf16(cfg.pretrain.precision, device), cfg.finetune.eval_batch_size,
+                    finetune_bf16(cfg, device), cfg.finetune.eval_batch_size,
                     l2_embedding=cfg.finetune.l2_embedding)

@@ -14,22 +14,9 @@ from helpers import ROOT
 sys.path.insert(0, str(ROOT / "tests" / "align"))
 from tiny_plm import make_tiny_bert  # noqa: E402
 
-from pipeline_repo import make_dvc_repo  # noqa: E402
+from pipeline_repo import make_dvc_repo, tiny_profile  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_profile(bert: Path):
-    def update(p: dict) -> None:
-        p["data"]["dataset"] = "synthetic"
-        p["data"]["synthetic"].update({"rows": 3000, "fields": 6})
-        p["id_model"].update({"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2})
-        p["plm"].update({"name": str(bert), "max_length": 48})
-        p["pretrain"].update({"batch_size": 64, "max_steps": 6, "warmup_steps": 0, "lr": 1e-3, "precision": "fp32"})
-        p["finetune"].update({"epochs": 2, "plm_max_rows": 400, "plm_eval_rows": 150, "plm_epochs": 1,
-                              "plm_batch_size": 64, "eval_batch_size": 512})
-        p["run"].update({"progress": False, "threads": 1})
-    return update
 
 
 def test_dvc_repro_whole_pipeline_then_an_ablation(tmp_path):

@@ -98,7 +98,7 @@ def small_config(**sections) -> Config:
         "id_model": {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 32], "low_rank": 8,
                      "num_experts": 2, "dropout": 0.1},
         "finetune": {"strategy": "scratch", "epochs": 4, "batch_size": 256, "lr": 3e-3, "patience": 2,
-                     "eval_batch_size": 512, "l2_embedding": 1e-4},
+                     "eval_batch_size": 512, "l2_embedding": 1e-4, "precision": "fp32"},
         "run": {"seeds": [7], "device": "cpu", "threads": 1, "progress": False},
     }
     for section, values in sections.items():

@@ -69,7 +69,7 @@ def cfg_tree(env, **pretrain_values) -> dict:
     return {
         "id_model": ID_MODEL,
         "plm": {"name": bert, "max_length": 64, "cache_dir": tokens},
-        "pretrain": {"epochs": 1, "batch_size": 25, "lr": 3e-3, **pretrain_values},
+        "pretrain": {"epochs": 1, "batch_size": 25, "lr": 3e-3, "precision": "fp32", **pretrain_values},
         "run": {"seeds": [5], "device": "cpu", "threads": 1, "progress": False},
     }
 

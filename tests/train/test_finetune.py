@@ -176,3 +176,40 @@ def test_every_id_model_trains_with_scratch(tiny_dataset, tmp_path, make_config,
                       finetune={"epochs": 1, "max_rows": 1024})
     metrics = finetune(cfg, tiny_dataset, tmp_path)
     assert np.isfinite(metrics["valid"]["logloss"]) and metrics["train"]["best_epoch"] == 1
+
+
+def test_precision_setting():
+    from flip.train.precision import native_bf16, use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
+    assert use_bf16("auto", cpu) == native_bf16(cpu)
+    assert use_bf16("auto", torch.device("meta")) is False
+    with pytest.raises(ValueError, match="finetune.precision='fp16' must be auto, bf16 or fp32"):
+        use_bf16("fp16", cpu, "finetune.precision")
+
+
+def test_bf16_training_autocasts_the_forward_and_scores_in_fp32(tiny_dataset, tmp_path, make_config):
+    from flip.train.finetune import build_scratch
+
+    cfg = make_config(finetune={"precision": "bf16", "epochs": 6, "patience": 6})
+    data = load_ctr_data(tiny_dataset)
+    task = build_scratch(cfg, data, torch.device("cpu"))
+    seen = []
+    task.model.fc.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    loss = task.loss(torch.arange(64))
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32  # bf16 products, fp32 loss
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())  # fp32 master weights
+    with torch.inference_mode():
+        logits = task.predict("test", torch.arange(32))
+    assert seen[-1] == torch.float32 and logits.dtype == torch.float32  # scoring: fp32
+
+    bf16 = finetune(cfg, tiny_dataset, tmp_path / "bf16")
+    again = finetune(cfg, tiny_dataset, tmp_path / "again")
+    fp32 = finetune(make_config(finetune={"precision": "fp32", "epochs": 6, "patience": 6}), tiny_dataset,
+                    tmp_path / "fp32")
+    assert scores(bf16) == scores(again)  # deterministic under a seed
+    assert scores(bf16) != scores(fp32)  # a different computation ...
+    assert bf16["test"]["auc"] > 0.7  # ... that learns as well
+    assert bf16["test"]["auc"] == pytest.approx(fp32["test"]["auc"], abs=0.03)
+    assert read_json(tmp_path / "bf16" / "run.json")["precision"] == "bf16"

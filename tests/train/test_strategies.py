@@ -63,7 +63,7 @@ def make_cfg(env, **sections):
         "id_model": dict(ID_MODEL),
         "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
         "finetune": {"strategy": "scratch", "epochs": 2, "batch_size": 128, "lr": 3e-3, "plm_lr": 1e-3,
-                     "patience": 2, "eval_batch_size": 512, "l2_embedding": 1e-4},
+                     "patience": 2, "eval_batch_size": 512, "l2_embedding": 1e-4, "precision": "fp32"},
         "run": {"seeds": [3], "device": "cpu", "threads": 1, "progress": False},
     }
     for name, values in sections.items():
