@@ -126,12 +126,33 @@ def load_plm(cfg: Any) -> tuple[PlmEncoder, Any]:
     tokenizer = load_tokenizer(cfg.name)
     # fp32 master weights whatever the checkpoint's dtype (transformers >= 5 defaults to dtype="auto");
     # mixed precision is the training loop's autocast
-    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    model = None
+    if not _saved_with_pooler(path):  # e.g. an aligned PLM written by pretraining (pooler dropped)
+        try:  # build it without one too: no "newly initialised pooler weights" warnings
+            model = AutoModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False)
+        except TypeError:  # an architecture without that option
+            model = None
+    if model is None:
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
     max_length = int(getattr(cfg, "max_length", 0) or 0)
     limit = _max_positions(model.config)
     if limit and max_length > limit:
         raise ValueError(f"plm.max_length={max_length} exceeds the {limit} positions of {cfg.name!r}")
     return PlmEncoder(model, tokenizer, name=cfg.name), tokenizer
+
+
+def _saved_with_pooler(path: str) -> bool:
+    """False only for a local checkpoint whose safetensors hold no ``pooler.`` weights."""
+    files = sorted(Path(path).glob("*.safetensors")) if os.path.isdir(path) else []
+    if not files:
+        return True
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            if any(".pooler." in f".{key}" for key in fh.keys()):
+                return True
+    return False
 
 
 def _max_positions(config: Any) -> int:

@@ -50,10 +50,16 @@ def test_max_length_beyond_positions_raises(roberta_dir):
         load_plm(PlmConfig(name=str(roberta_dir), max_length=10_000))
 
 
-def test_save_pretrained_roundtrip(bert, tmp_path):
+def test_save_pretrained_roundtrip(bert, tmp_path, capfd, caplog):
     enc, _ = bert
-    enc.save_pretrained(tmp_path / "copy")
-    enc2, tok2 = load_plm(PlmConfig(name=str(tmp_path / "copy")))
+    enc.save_pretrained(tmp_path / "copy")  # without the (dropped) pooler
+    capfd.readouterr()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        enc2, tok2 = load_plm(PlmConfig(name=str(tmp_path / "copy")))
+    report = capfd.readouterr()
+    assert "pooler" not in report.out + report.err + caplog.text  # no "MISSING pooler" load report
+    assert enc2.model.pooler is None
     assert tok2.is_fast
     sd1, sd2 = enc.state_dict(), enc2.state_dict()
     assert sd1.keys() == sd2.keys()
