@@ -114,6 +114,7 @@ class IdModelConfig:
     cin_layer_units: list[int] = field(default_factory=lambda: [128, 128])
     # AFN
     afn_log_neurons: int = 400
+    afn_ensemble_dnn: bool = False  # AFN+: a DNN beside the logarithmic network (same embedding table)
     # AFM
     afm_attention_dim: int = 16
 

@@ -1,14 +1,19 @@
-"""AFN (Cheng et al., AAAI'20): adaptive factorization network, as in FuxiCTR (``ensemble_dnn=False``).
+"""AFN (Cheng et al., AAAI'20): adaptive factorization network, as in FuxiCTR; AFN+ optionally.
 
     e   = Embedding(x)                                      (B, F, d)
     l   = BN(ln max(|e|, 1e-5))                             (B, F, d)
     y_j = BN(exp(sum_f w_{j,f} l_f))        j = 1..N        (B, N, d)   N = afn_log_neurons
-    h   = DNN(flatten(y))                                   (B, H)      = v = encode(x)
-    out = w^T h + b                                         (B,)        = logit(v)
+    h   = DNN(flatten(y))                                   (B, H)
+    g   = DNN'(flatten(e))                                  (B, H)      AFN+ only
+    v   = h  (AFN)   or   [h ; g]  (AFN+)                               = encode(x)
+    out = w^T v + b                                         (B,)        = logit(v)
 
 Each logarithmic neuron ``y_j = prod_f |e_f|^{w_{j,f}}`` learns a cross feature of arbitrary order.
-AFN+ (the ensemble with a second, separately embedded DNN) is not built: FLIP aligns the single
-shared embedding table. No first-order term.
+``afn_ensemble_dnn=True`` is AFN+ (the paper's stronger variant, FuxiCTR's ``ensemble_dnn=True``):
+a plain DNN beside the logarithmic network, its output and the AFN tower's combined linearly
+(FuxiCTR: a Linear(2, 1) over the two towers' scalar outputs; here one Linear over both towers'
+last hidden layers, which contains that). Unlike FuxiCTR, the DNN reads the same embedding table
+as the logarithmic network, not a second one: FLIP aligns one table. No first-order term.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ class AFN(IdModel):
         dropout: float = 0.1,
         batch_norm: bool = False,
         afn_log_neurons: int = 400,
+        ensemble_dnn: bool = False,
     ) -> None:
         super().__init__(num_fields, vocab_size, embedding_dim)
         self.log_transform = LogTransform(num_fields, afn_log_neurons)
         self.dnn = MLP(afn_log_neurons * embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
-        self.output_dim = self.dnn.output_dim
+        self.ensemble = MLP(num_fields * embedding_dim, list(dnn_hidden_units), dropout, batch_norm) if ensemble_dnn else None
+        self.output_dim = self.dnn.output_dim + (self.ensemble.output_dim if self.ensemble is not None else 0)
         self.fc = nn.Linear(self.output_dim, 1)
         self.apply(init_weights)
 
@@ -47,9 +54,12 @@ class AFN(IdModel):
     def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "AFN":
         return cls(
             num_fields, vocab_size, cfg.embedding_dim, cfg.dnn_hidden_units, cfg.dropout, cfg.batch_norm,
-            cfg.afn_log_neurons,
+            cfg.afn_log_neurons, cfg.afn_ensemble_dnn,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.log_transform(self.embed(x))  # (B, N * d)
-        return self.dnn(y)  # (B, H)
+        e = self.embed(x)  # (B, F, d)
+        h = self.dnn(self.log_transform(e))  # (B, H)
+        if self.ensemble is None:
+            return h
+        return torch.cat([h, self.ensemble(e.flatten(1))], dim=1)  # (B, 2H)

@@ -150,6 +150,9 @@ def test_param_count_xdeepfm_autoint_afn_afm():
     assert n_params(build("autoint", attention_dim=8)) == VOCAB * d + (d * 3 * 8 + d * 8) + 8 * 3 * 8 + F_ * 8 + 1
     N = 12
     assert n_params(build("afn")) == VOCAB * d + N * F_ + 2 * F_ + 2 * N + mlp_params(N * d, H) + H[-1] + 1
+    afn_plus = build("afn", afn_ensemble_dnn=True)  # + a DNN on the same table; the head sees both towers
+    assert n_params(afn_plus) == VOCAB * d + N * F_ + 2 * F_ + 2 * N + mlp_params(N * d, H) + mlp_params(D, H) + 2 * H[-1] + 1
+    assert afn_plus.encode(random_ids(5)).shape == (5, 2 * H[-1])
     assert n_params(build("afm")) == VOCAB * d + VOCAB + (d * 8 + 8) + 8 + d + 1
 
 
