@@ -165,6 +165,7 @@ class FinetuneConfig:
     optimizer: str = "adam"  # adam | adamw
     weight_decay: float = 0.0
     l2_embedding: float = 1e-4
+    oov_dropout: float = 0.0  # ID strategies: P(a training id is replaced by its field's OOV id)
     patience: int = 2
     eval_batch_size: int = 8192
     max_rows: int = 0  # 0 = all training rows (else the first N)

@@ -17,6 +17,11 @@ Strategies
     fields of a sample and averaged over the batch (a row used by several samples counts once per
     use, so frequent features are regularised more, as in DeepCTR/FuxiCTR-style lookup
     regularisation; unused rows get no gradient from it). The padding row 0 is zero and frozen.
+    ``finetune.oov_dropout`` (default 0) replaces each training id by its field's out-of-vocabulary
+    id with that probability, so that the OOV rows - where every value unseen in training lands,
+    e.g. the new users of a chronological test period - learn an "unseen value" embedding instead
+    of keeping their random initialisation (which models that take logarithms of embeddings, AFN,
+    turn into extreme values).
     ``finetune.precision`` (auto | bf16 | fp32, :mod:`flip.train.precision`) decides whether the
     forward pass runs under bf16 autocast (auto: where the hardware does bf16 natively); the loss,
     the weights and the optimizer stay fp32, and validation/test are always scored in fp32.
@@ -188,10 +193,16 @@ class TabularTask(Task):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData, l2_embedding: float = 0.0,
-                 scheduler: Any = None, bf16: bool = False) -> None:
+                 scheduler: Any = None, bf16: bool = False, oov_dropout: float = 0.0) -> None:
         self.model = model
         self.bf16 = bool(bf16)
         self.device = data.train.x.device
+        if not 0.0 <= oov_dropout < 1.0:
+            raise ValueError(f"finetune.oov_dropout={oov_dropout} must be in [0, 1)")
+        self.oov_dropout = float(oov_dropout)
+        # (F,) each field's out-of-vocabulary id (the row every value unseen in training maps to)
+        self.oov_ids = torch.tensor([f["oov_id"] for f in data.meta["fields"]], dtype=data.train.x.dtype,
+                                    device=self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.data = data
@@ -212,6 +223,8 @@ class TabularTask(Task):
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.train_x.index_select(0, idx)
         y = self.train_y.index_select(0, idx)
+        if self.oov_dropout > 0:  # each id -> its field's OOV id with this probability (global RNG)
+            x = torch.where(torch.rand(x.shape, device=x.device) < self.oov_dropout, self.oov_ids, x)
         self._looked_up = None
         with autocast(self.device, self.bf16):  # bf16 matrix products; the loss itself is fp32
             loss = F.binary_cross_entropy_with_logits(self.model(x).float(), y)
@@ -280,7 +293,8 @@ def build_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: 
 
     model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).to(device)
     optimizer = make_optimizer(model.parameters(), cfg.finetune)
-    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding, bf16=finetune_bf16(cfg, device))
+    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding, bf16=finetune_bf16(cfg, device),
+                       oov_dropout=cfg.finetune.oov_dropout)
 
 
 def finetune_bf16(cfg: Config, device: torch.device) -> bool:

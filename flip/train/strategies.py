@@ -295,7 +295,7 @@ def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: 
     load_pretrained_id_model(model, pdir)
     model = model.to(device)
     return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data, cfg.finetune.l2_embedding,
-                       bf16=finetune_bf16(cfg, device))
+                       bf16=finetune_bf16(cfg, device), oov_dropout=cfg.finetune.oov_dropout)
 
 
 def plm_rows(cfg: Config, data: CtrData) -> CtrData:

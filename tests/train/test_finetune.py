@@ -213,3 +213,41 @@ def test_bf16_training_autocasts_the_forward_and_scores_in_fp32(tiny_dataset, tm
     assert bf16["test"]["auc"] > 0.7  # ... that learns as well
     assert bf16["test"]["auc"] == pytest.approx(fp32["test"]["auc"], abs=0.03)
     assert read_json(tmp_path / "bf16" / "run.json")["precision"] == "bf16"
+
+
+def test_oov_dropout_trains_the_oov_rows(tiny_dataset, tmp_path, make_config):
+    from flip.train.finetune import build_scratch
+
+    data = load_ctr_data(tiny_dataset)
+    oov = torch.tensor([f["oov_id"] for f in data.meta["fields"]])
+    seen = []
+
+    def batch_ids(p):
+        task = build_scratch(make_config(finetune={"oov_dropout": p}), data, torch.device("cpu"))
+        task.model.embedding.register_forward_hook(lambda m, i, out: seen.append(i[0].clone()))
+        torch.manual_seed(0)
+        task.loss(torch.arange(2000))
+        return seen[-1]
+
+    x = data.train.x[:2000]
+    assert torch.equal(batch_ids(0.0), x)  # off: the batch as stored
+    dropped = batch_ids(0.25)
+    replaced = dropped != x
+    assert torch.equal(dropped[replaced], oov.expand_as(x)[replaced])  # replaced ids are the field's OOV id
+    assert abs((dropped == oov).float().mean().item() - 0.25) < 0.02  # at about the asked rate
+    with pytest.raises(ValueError, match="oov_dropout"):
+        build_scratch(make_config(finetune={"oov_dropout": 1.0}), data, torch.device("cpu"))
+
+    # in training, the OOV rows move away from their initialisation only with oov_dropout > 0
+    from safetensors.torch import load_file
+
+    from flip.models import build_id_model
+
+    cfg = make_config(finetune={"oov_dropout": 0.1, "epochs": 2})
+    finetune(cfg, tiny_dataset, tmp_path / "on")
+    finetune(make_config(finetune={"epochs": 2}), tiny_dataset, tmp_path / "off")
+    torch.manual_seed(cfg.run.seeds[0])
+    init = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).embedding.weight.detach()[oov]
+    on = load_file(tmp_path / "on" / "model.safetensors")["embedding.weight"][oov]
+    off = load_file(tmp_path / "off" / "model.safetensors")["embedding.weight"][oov]
+    assert (on - init).norm() > 10 * (off - init).norm()
