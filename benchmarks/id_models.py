@@ -2,12 +2,14 @@
 
     python benchmarks/id_models.py                    # all nine, paper defaults (params.yaml)
     python benchmarks/id_models.py --models dcnv2 deepfm --seeds 2012 2013
+    python benchmarks/id_models.py --models dcnv2 --variant fp32 -S finetune.precision=fp32
 
 Each model: `flip finetune -S finetune.strategy=scratch -S id_model.name=<model>` (batch 1024, Adam 1e-3,
 embedding L2 1e-4, dropout 0.1, early stopping on validation AUC, the best epoch scored once on
 test). Prints and saves benchmarks/results/id_models.json (AUC, logloss, samples/s, parameters) beside
 the paper's Table 2 column for MovieLens-1M. Throughput is the training loop's own measurement:
-run it on an idle machine.
+run it on an idle machine. ``--variant NAME`` stores the rows as variants of the models (e.g. other
+precision or cross network), beside the main table's rows instead of replacing them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[2012])
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flip-id-models"))
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variant", default="", help="label for rows that differ from the defaults (-S ...)")
     a = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     mirror = Path(os.environ.get("FLIP_DATA_MIRROR", root.parent / "shared" / "data"))
@@ -50,9 +53,10 @@ def main() -> None:
         cfg = load_config(root / "params.yaml", ["run.progress=false", "finetune.strategy=scratch",
                                                  f"id_model.name={name}", f"run.seeds={a.seeds}", *a.overrides])
         start = time.time()
-        m = finetune(cfg, data, work / "runs" / name)
+        m = finetune(cfg, data, work / "runs" / (f"{name}-{a.variant}" if a.variant else name))
         paper = TABLE2["movielens-1m"][MODEL_ROW[name]]
-        rows.append({"model": name, "paper_row": MODEL_ROW[name], "valid_auc": round(m["valid"]["auc"], 4),
+        rows.append({"model": name, "variant": a.variant, "paper_row": MODEL_ROW[name],
+                     "valid_auc": round(m["valid"]["auc"], 4),
                      "test_auc": round(m["test"]["auc"], 4), "test_logloss": round(m["test"]["logloss"], 4),
                      "test_auc_std": round(m.get("std", {}).get("test", {}).get("auc", 0.0), 4),
                      "samples_per_second": round(m["train"]["samples_per_second"]),
@@ -66,16 +70,23 @@ def main() -> None:
     from common import RESULTS, command
 
     old = RESULTS / "id_models.json"
-    earlier = json.loads(old.read_text())["models"] if old.exists() else []
+    previous = json.loads(old.read_text()) if old.exists() else {}
+    earlier = previous.get("models", []) + previous.get("variants", [])
     for r in rows:
         r["command"] = command()
-    done = {r["model"] for r in rows}
-    merged = [r for r in earlier if r["model"] not in done] + rows
-    merged.sort(key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else 99)
+
+    def key(r: dict) -> tuple[str, str]:
+        return r["model"], r.get("variant", "")
+
+    done = {key(r) for r in rows}
+    merged = [r for r in earlier if key(r) not in done] + rows
+    merged.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r.get("variant", "")))
+    main_rows = [r for r in merged if not r.get("variant")]
     save("id_models", {"dataset": "movielens-1m copy (users 1-2999; 360,434 samples)", "seeds": a.seeds,
-                       "overrides": a.overrides, "models": merged, "missing": [m for m in MODELS if m not in
-                                                                                {r["model"] for r in merged}],
-                       "meets_auc_0.84": all(r["test_auc"] >= 0.84 for r in merged)})
+                       "overrides": a.overrides, "models": main_rows,
+                       "variants": [r for r in merged if r.get("variant")],
+                       "missing": [m for m in MODELS if m not in {r["model"] for r in main_rows}],
+                       "meets_auc_0.84": all(r["test_auc"] >= 0.84 for r in main_rows)})
 
 
 if __name__ == "__main__":
