@@ -126,13 +126,12 @@ def load_plm(cfg: Any) -> tuple[PlmEncoder, Any]:
     tokenizer = load_tokenizer(cfg.name)
     # fp32 master weights whatever the checkpoint's dtype (transformers >= 5 defaults to dtype="auto");
     # mixed precision is the training loop's autocast
-    model = None
-    if not _saved_with_pooler(path):  # e.g. an aligned PLM written by pretraining (pooler dropped)
-        try:  # build it without one too: no "newly initialised pooler weights" warnings
-            model = AutoModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False)
-        except TypeError:  # an architecture without that option
-            model = None
-    if model is None:
+    # a checkpoint saved without a pooler (an aligned PLM written by pretraining) is built without
+    # one too: no "newly initialised pooler weights" load report
+    no_pooler = {} if _saved_with_pooler(path) else {"add_pooling_layer": False}
+    try:
+        model = AutoModel.from_pretrained(path, dtype=torch.float32, **no_pooler)
+    except TypeError:  # an architecture without that option
         model = AutoModel.from_pretrained(path, dtype=torch.float32)
     max_length = int(getattr(cfg, "max_length", 0) or 0)
     limit = _max_positions(model.config)

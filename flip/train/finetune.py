@@ -62,7 +62,6 @@ from torch import nn
 
 from flip.config import Config, FinetuneConfig
 from flip.data.tensors import TabularSplit, load_meta, load_tabular
-from flip.train.precision import autocast, use_bf16
 from flip.train.loop import (
     EvalSet,
     LoopSettings,
@@ -74,6 +73,7 @@ from flip.train.loop import (
     run_seeds,
     set_threads,
 )
+from flip.train.precision import autocast, use_bf16
 
 __all__ = [
     "CtrData",

@@ -107,7 +107,6 @@ from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.io import atomic_file, read_json, write_json
-from flip.train.precision import autocast, use_bf16
 from flip.train.loop import (
     LoopSettings,
     Task,
@@ -118,6 +117,7 @@ from flip.train.loop import (
     resolve_device,
     set_threads,
 )
+from flip.train.precision import autocast, use_bf16
 
 __all__ = [
     "DistContext",
@@ -203,6 +203,11 @@ def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def pretrain_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether pretraining runs under bf16 autocast (``pretrain.precision``, see flip.train.precision)."""
+    return use_bf16(cfg.pretrain.precision, device, "pretrain.precision")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -363,7 +368,7 @@ class PretrainTask(Task):
         self.model = model
         self.n_train = len(data)
         self.eval_sets = {}
-        self.bf16 = use_bf16(pcfg.precision, device, "pretrain.precision")
+        self.bf16 = pretrain_bf16(cfg, device)
 
         params = [p for p in model.parameters() if p.requires_grad]
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -749,7 +754,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
             return task
 
         info = {"stage": "pretrain", "dataset_dir": str(dataset_dir), "world_size": ctx.world,
-                "plm": cfg.plm.name, "precision": "bf16" if use_bf16(cfg.pretrain.precision, device, "pretrain.precision") else "fp32"}
+                "plm": cfg.plm.name, "precision": "bf16" if pretrain_bf16(cfg, device) else "fp32"}
         fit_metrics = fit(build, settings, run_dir, seed=seed, config=cfg.to_dict(), fingerprint=fingerprint, info=info)
         task = holder.get("task")
         summary = task.statistics() if task is not None else None

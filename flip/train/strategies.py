@@ -35,8 +35,9 @@ Text batches come from the cached ``TokenizedSplit`` of each split (``flip.data.
 tokenizer of the language model used, ``plm.max_length``, ``plm.cache_dir``), trimmed to the
 batch's longest row; evaluation runs in chunks (``EVAL_CHUNK``) whatever ``eval_batch_size`` is.
 Training and the PLM forward run under bf16 autocast where ``finetune.precision`` asks for it
-(:mod:`flip.train.precision`; auto = where the hardware does bf16 natively). The ID-model configuration must equal the
-pretraining run's (else the weights would not fit): a mismatch is an error naming the keys.
+(:mod:`flip.train.precision`; auto = where the hardware does bf16 natively). The ID-model
+configuration must equal the pretraining run's (else the weights would not fit): a mismatch is an
+error naming the keys.
 
 Only torch, safetensors and the standard library are imported (transformers lazily).
 """
