@@ -12,6 +12,7 @@ instead, and a worker on the GPU machine runs it: ``prefect worker start --pool 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +40,11 @@ def deployment(params: str | Path = PROJECT / "params.yaml", project: str | Path
 
 
 def main() -> None:  # pragma: no cover - long-running
+    # Harmless prefect 3.8.8 shutdown warning: on SIGTERM (e.g. `docker stop`, a process manager)
+    # Runner.handle_sigterm calls the sync/async-dispatching `stop()` inside the event loop, which
+    # creates `astop()` without awaiting it, then exits; the runner still shuts down cleanly.
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine 'Runner\.astop' was never awaited", category=RuntimeWarning)
     cfg = load_config(PROJECT / "params.yaml").schedule
     if cfg.work_pool:
         retrain.from_source(source=str(PROJECT), entrypoint="flows/pipeline.py:retrain").deploy(
