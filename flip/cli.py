@@ -127,12 +127,15 @@ def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
 @_stage
 def evaluate(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
              runs: Annotated[Path, typer.Option(help="folder of finetuning runs, one per strategy")] = Path(
-                 "models/finetune")):
+                 "models/finetune"),
+             full: Annotated[Optional[Path], typer.Option(
+                 help="folder of full-data ID runs shown beside the equal-data comparison")] = None):
     """Score every finetuned run (AUC, logloss, calibration, cold start) and write Evidently drift reports."""
     from flip.evaluate.evaluate import evaluate as run
 
     cfg = _config(params, set_)
-    result = run(cfg, data or cfg.data.processed_path, runs, out or Path("reports"))
+    result = run(cfg, data or cfg.data.processed_path, runs, out or Path("reports"), full_dir=full)
+    typer.echo(result["headline"])
     typer.echo(f"evaluated {', '.join(result['strategies'])}: {result['summary']}")
 
 
@@ -148,9 +151,11 @@ def analyze(data: Data = None, params: Params = Path("params.yaml"), set_: Overr
 
     cfg = _config(params, set_)
     extra = dict(item.split("=", 1) for item in compare or [])
-    scratch = Path("models/finetune/scratch/model.safetensors")
-    if scratch.exists():
-        extra.setdefault("scratch (no alignment)", str(scratch))
+    run = Path("models/finetune/scratch")
+    scratch = [run / "model.safetensors", *sorted(run.glob("seed-*/model.safetensors"))]
+    scratch = [p for p in scratch if p.exists()]
+    if scratch:  # (the first seed of several)
+        extra.setdefault("scratch (no alignment)", str(scratch[0]))
     result = run(data or cfg.data.processed_path, pretrained, out or Path("reports/analysis"), extra_runs=extra,
                  rows=rows)
     f5 = result["fig5"]

@@ -124,6 +124,8 @@ class PlmConfig:
     name: str = "minilm-l6"  # HF id, local directory, or the alias minilm-l6 (offline default)
     max_length: int = 100
     cache_dir: str = "data/tokens"
+    pooling: str = "cls"  # cls (paper: the [CLS] state) | mean (over real tokens; what sentence encoders were trained for)
+    layers: int = 0  # 0 = every layer; N = the first N transformer layers of the encoder (a smaller model)
 
 
 # -------------------------------------------------------------------------------------- training
@@ -132,11 +134,13 @@ class PretrainConfig:
     epochs: int = 30
     batch_size: int = 1024
     lr: float = 5e-5
+    plm_lr: float = 0.0  # 0 = lr (the paper: one rate); > 0 = the language model's own rate (the rest at lr)
     weight_decay: float = 1e-3
     warmup_steps: int = 0
     grad_accum: int = 1
     max_steps: int = 0  # 0 = no limit; >0 stops early (reduced CPU profile)
-    max_rows: int = 0  # 0 = all training rows
+    max_rows: int = 0  # 0 = all training rows (else the first N)
+    train_rows: int = 0  # 0 = all; else the last (most recent) N: set it to finetune.train_rows for equal data
     text_mask_ratio: float = 0.15
     tab_mask_ratio: float = 0.15
     same_fields: bool = False  # mask the same fields on both modalities
@@ -169,9 +173,15 @@ class FinetuneConfig:
     patience: int = 2
     eval_batch_size: int = 8192
     max_rows: int = 0  # 0 = all training rows (else the first N)
-    # strategies with a language model (flip, flip_plm, plm_scratch), where each row is costly on a CPU:
-    plm_max_rows: int = 0  # 0 = all; else train on the last (most recent) N training rows
-    plm_eval_rows: int = 0  # 0 = all; else at most N validation and N test rows, evenly spaced in time
+    # every strategy trains and is scored on the same rows (equal data; a language model is costly on a CPU):
+    train_rows: int = 0  # 0 = all; else train on the last (most recent) N training rows
+    eval_rows: int = 0  # 0 = all; else at most N validation and N test rows, evenly spaced in time
+    # learning-rate selection on the validation split (the paper: {1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3});
+    # empty = the single value lr / plm_lr. flip selects both (the product of the two grids).
+    lr_grid: list[float] = field(default_factory=list)  # the ID model's rate
+    plm_lr_grid: list[float] = field(default_factory=list)  # the language model's rate (and its head's)
+    # strategies with a language model (flip, flip_plm, plm_scratch):
+    plm_seeds: int = 0  # 0 = every seed of run.seeds; N = its first N seeds (a CPU budget)
     plm_epochs: int = 0  # 0 = epochs
     plm_batch_size: int = 0  # 0 = batch_size
     alpha_init: float = 0.0

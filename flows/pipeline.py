@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 STAGE_GROUPS: dict[str, list[str]] = {
     "prepare-data": ["download", "preprocess", "validate"],
     "pretrain": ["pretrain"],
-    "finetune": ["scratch", "finetune"],
+    "finetune": ["scratch", "finetune", "full_scratch", "full_flip_id"],
     "evaluate": ["evaluate", "analyze", "report"],
 }
 
@@ -97,7 +97,8 @@ def pretrain(project: str = ".") -> dict[str, list[str]]:
 
 @flow(name="finetune", log_prints=True)
 def finetune(project: str = ".") -> dict[str, list[str]]:
-    """Every finetuning strategy of dvc.yaml (scratch, flip_id, flip_plm, flip)."""
+    """Every finetuning strategy of dvc.yaml at equal data (scratch, flip_id, flip_plm, flip), with the
+    learning-rate selection and seeds of params.yaml, and the full-data ID runs."""
     return _run(project, STAGE_GROUPS["finetune"])
 
 

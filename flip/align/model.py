@@ -181,7 +181,7 @@ class FlipPretrainModel(nn.Module):
             v_hat = self.id_model.encode(m["x_masked"])  # (B, D_v) masked table
             results["mtm"] = self.mtm(v_hat, w, attn, x, m["tab_fields"], generator)
         if self.icl is not None:
-            results["icl"] = self.icl(self.plm.cls(w), v)
+            results["icl"] = self.icl(self.plm.sentence(w, attn), v)
 
         loss = sum(self.weights[name] * r["loss"] for name, r in results.items())
         out: dict[str, torch.Tensor] = {"loss": loss}

@@ -48,6 +48,10 @@ class TabularSplit:
     def head(self, n: int) -> "TabularSplit":
         return TabularSplit(self.x[:n], self.y[:n]) if 0 < n < len(self) else self
 
+    def tail(self, n: int) -> "TabularSplit":
+        """The last ``n`` rows (the most recent ones of a time-ordered split); ``n <= 0``: all."""
+        return TabularSplit(self.x[-n:], self.y[-n:]) if 0 < n < len(self) else self
+
 
 def load_tabular(dataset_dir: str | Path, split: str) -> TabularSplit:
     """Read the field id columns and the label of ``split`` into tensors."""

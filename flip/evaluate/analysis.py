@@ -75,7 +75,7 @@ def _field_similarity(cfg: Any, meta: dict[str, Any], model: Any, tokenizer: Any
         chosen = torch.zeros(len(x), F, dtype=torch.bool)
         chosen[:, f] = True
         masked, _ = mask_text(ids, start, end, chosen, model.plm.mask_token_id)
-        z_text.append(torch.nn.functional.normalize(model.icl.text_proj(model.plm.cls(model.plm(masked, attn))), dim=-1))
+        z_text.append(torch.nn.functional.normalize(model.icl.text_proj(model.plm.sentence(model.plm(masked, attn), attn)), dim=-1))
         v_hat = model.id_model.encode(mask_tabular(x, chosen, model.mask_id))
         z_tab.append(torch.nn.functional.normalize(model.icl.tab_proj(v_hat), dim=-1))
     sim = torch.stack([torch.stack([(zt * zb).sum(-1).mean() for zb in z_tab]) for zt in z_text])  # (F, F)

@@ -3,14 +3,22 @@
 Reads each run's ``predictions/{valid,test}.parquet`` (row, label, prob) and the processed splits.
 Writes into ``out_dir`` (default ``reports/``):
 
-* ``eval.json``: per strategy AUC, logloss, calibration (ECE, Brier, PCOC) on valid and test, AUC by
-  user and item training frequency (cold start), prediction drift; data drift per held-out window.
+* ``eval.json``: per strategy (``strategies.<name>``) the mean over seeds of AUC and logloss (with
+  the std and every seed's value), calibration (ECE, Brier, PCOC) on valid and test, the rows and
+  learning-rate selection it trained with, AUC by user and item training frequency (cold start),
+  prediction drift, and the paired comparison against ``scratch`` (``delta_vs_scratch``: ΔAUC with
+  its 95% interval and p-value from DeLong's test on the same test rows, plus the spread over
+  seeds; ``flip`` also ``delta_vs_flip_id``). Every strategy of a group is scored on the rows
+  they all share. ``full_data`` holds the same for the ID strategies trained on the whole split
+  (``--full``), a separate group never mixed into the equal-data table. ``headline`` is the
+  one-sentence answer; data drift per held-out window.
 * ``plots/reliability/<strategy>.json`` and ``plots/roc/<strategy>.json``: DVC plots.
 * ``evidently/``: Evidently HTML + JSON reports (data drift, prediction drift, quality).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,26 +27,28 @@ import numpy as np
 
 from flip.config import Config
 from flip.errors import FlipError
-from flip.io import atomic_dir, write_json
+from flip.io import atomic_dir, read_json, write_json
 
 STRATEGY_ORDER = ["scratch", "flip_id", "plm_scratch", "flip_plm", "flip"]
+BASELINE = "scratch"
+# paired comparisons written to eval.json: (strategy, against) -> key
+COMPARISONS = {("flip", "flip_id"): "delta_vs_flip_id"}
 
 
-def _prediction_dir(run: Path) -> Path | None:
-    """Where a run keeps its predictions: the run itself, or (several seeds) its first seed's folder."""
+def seed_runs(run: Path) -> dict[str, Path]:
+    """The seed folders of a finished run: ``{"seed-<s>": folder}`` (one seed: the run itself)."""
     if (run / "predictions" / "test.parquet").exists():
-        return run
-    seeds = sorted(run.glob("seed-*/predictions/test.parquet"))
-    return seeds[0].parents[1] if seeds else None
+        seed = read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+        return {f"seed-{seed}": run}
+    return {d.name: d for d in sorted(run.glob("seed-*")) if (d / "predictions" / "test.parquet").exists()}
 
 
 def find_runs(runs_dir: Path) -> dict[str, Path]:
     """Finished runs under ``runs_dir`` (one folder per strategy), in the paper's order."""
     runs = {}
     for d in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).exists() else []:
-        pred = _prediction_dir(d) if d.is_dir() and (d / "metrics.json").exists() else None
-        if pred is not None:
-            runs[d.name] = pred
+        if d.is_dir() and (d / "metrics.json").exists() and seed_runs(d):
+            runs[d.name] = d
     order = {s: i for i, s in enumerate(STRATEGY_ORDER)}
     return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))
 
@@ -51,16 +61,117 @@ def roc_points(y: np.ndarray, p: np.ndarray, n: int = 101) -> list[dict[str, flo
     return [{"fpr": float(f), "tpr": float(t)} for f, t in zip(grid, np.interp(grid, fpr, tpr))]
 
 
-def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, slices: int = 4,
-             drift_rows: int = 20_000) -> dict[str, Any]:
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+
+
+def run_settings(run: Path, seeds: dict[str, Path]) -> dict[str, Any]:
+    """What a run trained on: rows, epochs, batch size, learning rates (selected) and the selection."""
+    metrics = read_json(run / "metrics.json")
+    first = next(iter(seeds.values()))
+    config = read_json(first / "config.json")
+    start = next((json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()
+                  if '"start"' in line), {}) if (first / "log.jsonl").exists() else {}
+    f = config.get("finetune", {})
+    selection = metrics.get("selection") or {
+        "metric": "valid_auc", "candidates": [{"lr": f.get("lr"), "plm_lr": f.get("plm_lr"),
+                                               "valid_auc": metrics.get("valid", {}).get("auc")}],
+        "selected": {"lr": f.get("lr"), "plm_lr": f.get("plm_lr")}, "grid": None}
+    epochs = [read_json(d / "metrics.json").get("train", {}).get("epochs") for d in seeds.values()]
+    return {"train_rows": start.get("n_train"), "batch_size": start.get("batch_size"), "epochs_run": epochs,
+            "selection": selection, "seeds": list(seeds)}
+
+
+def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str], counts: np.ndarray,
+                 ev_dir: Path | None, slices: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every strategy of one comparison group, on the test rows they all share, with paired deltas."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from flip.data.tensors import load_meta
     from flip.evaluate.calibration import calibration
     from flip.evaluate.coldstart import auc_by_frequency
     from flip.evaluate.metrics import auc, logloss
-    from flip.evaluate.monitoring import data_drift, prediction_drift
+    from flip.evaluate.monitoring import prediction_drift
+    from flip.evaluate.significance import paired_delta
+
+    preds: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> split -> seed -> frame
+    seeds_of: dict[str, dict[str, Path]] = {}
+    for name, run in runs.items():
+        seeds_of[name] = seed_runs(run)
+        preds[name] = {split: {s: pq.read_table(d / "predictions" / f"{split}.parquet").to_pandas()
+                               for s, d in seeds_of[name].items()} for split in ("valid", "test")}
+    # the rows every strategy and seed scored: the comparison is on exactly these
+    common = {split: sorted(set.intersection(*(set(f["row"].tolist()) for per in preds.values()
+                                               for f in per[split].values()))) for split in ("valid", "test")}
+    result: dict[str, Any] = {}
+    plots: dict[str, Any] = {"reliability": {}, "roc": {}}
+    aligned: dict[str, dict[str, np.ndarray]] = {}
+    y_test = None
+    for name, per in preds.items():
+        entry: dict[str, Any] = run_settings(runs[name], seeds_of[name])
+        for split in ("valid", "test"):
+            rows = pd.Index(common[split])
+            frames_s = {s: f.set_index("row").loc[rows] for s, f in per[split].items()}
+            y = next(iter(frames_s.values()))["label"].to_numpy(np.float64)
+            aucs = [auc(y, f["prob"].to_numpy(np.float64)) for f in frames_s.values()]
+            lls = [logloss(y, f["prob"].to_numpy(np.float64)) for f in frames_s.values()]
+            cals = [calibration(y, f["prob"].to_numpy(np.float64)) for f in frames_s.values()]
+            m_auc, s_auc = _mean_std(aucs)
+            m_ll, s_ll = _mean_std(lls)
+            entry[split] = {"auc": m_auc, "auc_std": s_auc, "logloss": m_ll, "logloss_std": s_ll, "rows": len(rows),
+                            "auc_per_seed": dict(zip(frames_s, aucs)),
+                            **{k: float(np.mean([c[k] for c in cals])) for k in ("ece", "brier", "mean_pred",
+                                                                                  "mean_label", "pcoc")}}
+            if split == "test":
+                y_test = y
+                aligned[name] = {s: f["prob"].to_numpy(np.float64) for s, f in frames_s.items()}
+                first_seed, first = next(iter(frames_s.items()))
+                prob = first["prob"].to_numpy(np.float64)
+                entry["plots_seed"] = first_seed
+                joined = first.join(frames["test"].set_index("row")[keys]) if keys else first
+                entry["cold_start"] = {k: auc_by_frequency(joined[k].to_numpy(), y, prob, counts) for k in keys}
+                plots["reliability"][name] = [{**b, "strategy": name} for b in cals[0]["bins"] if b["count"]]
+                plots["roc"][name] = [{**pt, "strategy": name} for pt in roc_points(y, prob)]
+        if ev_dir is not None:
+            first_valid = next(iter(per["valid"].values()))
+            first_test = next(iter(per["test"].values()))
+            entry["prediction_drift"] = prediction_drift(
+                name, pd.DataFrame({"label": first_valid["label"].to_numpy(np.float64), "pred": first_valid["prob"]}),
+                pd.DataFrame({"label": first_test["label"].to_numpy(np.float64), "pred": first_test["prob"]}),
+                ev_dir, slices=slices)
+        result[name] = entry
+    for name in result:
+        if BASELINE in aligned and name != BASELINE:
+            result[name]["delta_vs_scratch"] = paired_delta(y_test, aligned[name], aligned[BASELINE])
+        for (a, b), key in COMPARISONS.items():
+            if name == a and b in aligned:
+                result[name][key] = paired_delta(y_test, aligned[a], aligned[b])
+    return result, plots
+
+
+def headline(strategies: dict[str, Any]) -> str:
+    """One sentence: did FLIP beat the ID model trained on the same rows, by how much, how sure."""
+    flip, base = strategies.get("flip"), strategies.get(BASELINE)
+    if not flip or not base or "delta_vs_scratch" not in flip:
+        return "No FLIP-vs-ID comparison in this run (it needs both the flip and the scratch strategy)."
+    d = flip["delta_vs_scratch"]
+    verdict = ("FLIP beat" if d["ci_low"] > 0 else "FLIP did worse than" if d["ci_high"] < 0
+               else "FLIP did not differ significantly from")
+    return (f"{verdict} the ID model trained on the same {base['train_rows']:,} rows: test AUC "
+            f"{flip['test']['auc']:.4f} vs {base['test']['auc']:.4f}, ΔAUC {d['delta']:+.4f} "
+            f"(95% CI {d['ci_low']:+.4f} to {d['ci_high']:+.4f}, p = {d['p_value']:.2g}; "
+            f"{d['seeds'][0]} vs {d['seeds'][1]} seeds, {d['rows']:,} test rows).")
+
+
+def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, full_dir: Path | None = None,
+             slices: int = 4, drift_rows: int = 20_000) -> dict[str, Any]:
+    """Score the runs under ``runs_dir`` (the equal-data comparison) and, when given, the full-data ID
+    runs under ``full_dir``; write ``eval.json``, DVC plots and Evidently reports into ``out_dir``."""
+    import pyarrow.parquet as pq
+
+    from flip.data.tensors import load_meta
+    from flip.evaluate.monitoring import data_drift
 
     started = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -68,6 +179,7 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, slic
     if not runs:
         raise FlipError(f"no finished runs under {runs_dir} (each needs metrics.json and predictions/): "
                         "run `flip finetune` first")
+    full_runs = find_runs(full_dir) if full_dir is not None else {}
     meta = load_meta(data_dir)
     fields = [f["name"] for f in meta["fields"]]
     counts = pq.read_table(data_dir / meta["feature_counts"]).column("count").to_numpy()
@@ -76,47 +188,25 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, slic
               for s in ("train", "valid", "test")}
 
     result: dict[str, Any] = {"dataset": meta["dataset"], "counts": meta["counts"],
-                              "user_field": meta.get("user_field"), "item_field": meta.get("item_field"),
-                              "strategies": {}}
-    plots: dict[str, Any] = {"reliability": {}, "roc": {}}
-    test_preds: dict[str, Any] = {}
+                              "user_field": meta.get("user_field"), "item_field": meta.get("item_field")}
     with atomic_dir(out_dir / "evidently") as ev:
         result["data_drift"] = data_drift(frames["train"], frames["valid"], frames["test"], fields, ev,
                                           slices=slices, max_rows=drift_rows, seed=cfg.run.seeds[0])
-        for name, run in runs.items():
-            entry: dict[str, Any] = {}
-            preds = {}
-            for split in ("valid", "test"):
-                p = pq.read_table(run / "predictions" / f"{split}.parquet").to_pandas()
-                p = p.merge(frames[split][["row", *keys]], on="row", how="left", validate="one_to_one")
-                y, prob = p["label"].to_numpy(np.float64), p["prob"].to_numpy(np.float64)
-                cal = calibration(y, prob)
-                entry[split] = {"auc": auc(y, prob), "logloss": logloss(y, prob), "rows": len(p),
-                                **{k: cal[k] for k in ("ece", "brier", "mean_pred", "mean_label", "pcoc")}}
-                if split == "test":
-                    entry["cold_start"] = {k: auc_by_frequency(p[k].to_numpy(), y, prob, counts) for k in keys}
-                    plots["reliability"][name] = [{**b, "strategy": name} for b in cal["bins"] if b["count"]]
-                    plots["roc"][name] = [{**pt, "strategy": name} for pt in roc_points(y, prob)]
-                preds[split] = pd.DataFrame({"label": y, "pred": prob})
-                if split == "test":
-                    test_preds[name] = p[["row", "label", "prob"]]
-            entry["prediction_drift"] = prediction_drift(name, preds["valid"], preds["test"], ev, slices=slices)
-            result["strategies"][name] = entry
-    # strategies scored on different rows (a language model on a subsample): compare on the common rows
-    common = set.intersection(*(set(p["row"].tolist()) for p in test_preds.values()))
-    if any(len(p) != len(common) for p in test_preds.values()):
-        for name, p in test_preds.items():
-            q = p[p["row"].isin(common)]
-            y, prob = q["label"].to_numpy(np.float64), q["prob"].to_numpy(np.float64)
-            result["strategies"][name]["test_common"] = {"rows": len(q), "auc": auc(y, prob),
-                                                         "logloss": logloss(y, prob)}
+        result["strategies"], plots = _score_group(runs, frames, keys, counts, ev, slices)
+    if full_runs:
+        result["full_data"], _ = _score_group(full_runs, frames, keys, counts, None, slices)
     for kind, per in plots.items():
         for name, rows in per.items():
             write_json(out_dir / "plots" / kind / f"{name}.json", rows)
-    best = max(result["strategies"], key=lambda s: result["strategies"][s]["test"]["auc"])
+    strategies = result["strategies"]
+    best = max(strategies, key=lambda s: strategies[s]["test"]["auc"])
+    result["headline"] = headline(strategies)
     result["summary"] = {
         "best": best,
-        **{f"{s}.test.auc": round(v["test"]["auc"], 4) for s, v in result["strategies"].items()},
+        **{f"{s}.test.auc": round(v["test"]["auc"], 4) for s, v in strategies.items()},
+        **{f"{s}.delta_vs_scratch": round(v["delta_vs_scratch"]["delta"], 4)
+           for s, v in strategies.items() if "delta_vs_scratch" in v},
+        **{f"full_data.{s}.test.auc": round(v["test"]["auc"], 4) for s, v in result.get("full_data", {}).items()},
         "max_drifted_share": max(w["drifted_share"] for w in result["data_drift"].values()),
     }
     result["seconds"] = round(time.time() - started, 1)

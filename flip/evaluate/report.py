@@ -93,6 +93,36 @@ def _table(header: list[str], rows: list[list[Any]]) -> tuple[str, str]:
     return h, md
 
 
+PROFILE_NOTE = ("What this run can show: a comparison at the training budget it was given (rows, epochs, "
+                "language-model size). The quick profile trains the language-model strategies on a few thousand rows "
+                "on a CPU, so it tests whether FLIP helps at that budget, not the paper's full-data margins; the paper "
+                "profile (`make run PROFILE=paper`, a GPU) trains every strategy on every row as the paper did.")
+RESULT_HEADER = ["strategy", "paper row", "train rows", "seeds", "valid AUC", "test AUC (mean ± std)", "test logloss",
+                 "ΔAUC vs scratch [95% CI]", "p-value", "Δ seed std", "test ECE"]
+PLM_ONLY = ("flip_plm", "plm_scratch")
+
+
+def _result_row(name: str, s: dict[str, Any], paper: dict[str, Any]) -> list[Any]:
+    d = s.get("delta_vs_scratch")
+    delta = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "(baseline)"
+    return [name, STRATEGY_ROW.get(name, name), s.get("train_rows"), len(s.get("seeds", [])), s["valid"]["auc"],
+            f"{s['test']['auc']:.4f} ± {s['test'].get('auc_std', 0.0):.4f}", s["test"]["logloss"], delta,
+            f"{d['p_value']:.2g}" if d else "–", d["seed_std"] if d else None, s["test"]["ece"],
+            paper.get(STRATEGY_ROW.get(name, ""), (None, None))[0]]
+
+
+def _candidate(c: dict[str, Any], name: str) -> str:
+    rates = f"plm_lr={c['plm_lr']:g}" if name in PLM_ONLY else (
+        f"lr={c['lr']:g}" + (f", plm_lr={c['plm_lr']:g}" if name == "flip" else ""))
+    auc = c.get("valid_auc")
+    return f"{rates}: {auc:.4f}" if isinstance(auc, float) else rates
+
+
+def _epochs(s: dict[str, Any]) -> str:
+    e = [x for x in s.get("epochs_run", []) if x is not None]
+    return f"{min(e)}–{max(e)} epoch(s)" if e and min(e) != max(e) else (f"{e[0]} epoch(s)" if e else "")
+
+
 def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir: Path | None = None,
            ablations_dir: Path | None = None, id_models: Path | None = None) -> dict[str, Any]:
     """Write ``reports_dir/index.html`` and ``reports_dir/summary.md`` from the stages' outputs."""
@@ -104,16 +134,28 @@ def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir:
     dataset = ev["dataset"]
     paper = TABLE2.get(dataset, {})
 
-    # main table: our strategies beside the paper's rows
-    rows = []
-    for name, s in ev["strategies"].items():
-        ref = paper.get(STRATEGY_ROW.get(name, ""), (None, None))
-        common = s.get("test_common", {})
-        rows.append([name, STRATEGY_ROW.get(name, name), s["valid"]["auc"], s["test"]["auc"], s["test"]["logloss"],
-                     s["test"]["rows"], common.get("auc"), common.get("logloss"), s["test"]["ece"], ref[0], ref[1]])
-    main_h, main_md = _table(["strategy", "paper row", "valid AUC", "test AUC", "test logloss", "test rows",
-                              "AUC on common rows", "logloss on common rows", "test ECE",
-                              f"paper AUC ({dataset})", "paper logloss"], rows)
+    # main table: every strategy at equal training data, on the same test rows, with the paired Δ
+    strategies = ev["strategies"]
+    first = next(iter(strategies.values()))
+    rows = [_result_row(name, s, paper) for name, s in strategies.items()]
+    main_h, main_md = _table(RESULT_HEADER + [f"paper AUC ({dataset})"], rows)
+    sel_rows = [[name, ", ".join(f"{k}={v:g}" for k, v in s["selection"]["selected"].items()
+                                 if v is not None and (k == "lr") != (name in PLM_ONLY)),
+                 "; ".join(_candidate(c, name) for c in s["selection"]["candidates"])]
+                for name, s in strategies.items() if s.get("selection")]
+    sel_h, sel_md = _table(["strategy", "selected", "candidates (validation AUC, seed " +
+                            str(next((s["selection"].get("seed") for s in strategies.values()
+                                      if s.get("selection", {}).get("seed") is not None), "–")) + ")"], sel_rows)
+    full = ev.get("full_data") or {}
+    full_rows = [_result_row(name, s, paper) for name, s in full.items()]
+    full_h, full_md = _table(RESULT_HEADER + [f"paper AUC ({dataset})"], full_rows) if full_rows else ("", "")
+    scope = (f"Equal data: every strategy trained on the same {first['train_rows']:,} most recent training rows "
+             f"and scored on the same {first['test']['rows']:,} test rows"
+             + (f" (of {ev['counts']['test']:,}: an evenly spaced subsample; the interval reflects it)"
+                if first["test"]["rows"] < ev["counts"]["test"] else "") + ". "
+             "ΔAUC is the mean over seeds minus scratch's, with its 95% interval and p-value from DeLong's paired "
+             "test on those rows; 'Δ seed std' is the spread of the per-seed differences (training noise).")
+    seeds_line = "; ".join(f"{n}: {len(s['seeds'])} seed(s), {_epochs(s)}" for n, s in strategies.items())
 
     sections_h, sections_md = [], []
     ids = _read(id_models) if id_models else None
@@ -179,7 +221,12 @@ figure{{display:inline-block;margin:8px}}img{{max-width:520px;border:1px solid #
 <h1>FLIP evaluation report: {html.escape(dataset)}</h1>
 <p>Generated {stamp}. Samples: {ev['counts']['total']:,} (train {ev['counts']['train']:,} · valid {ev['counts']['valid']:,} · test {ev['counts']['test']:,}).
 Model selection on the validation split; test scored once. Paper numbers: Wang et al., RecSys '24, Table 2.</p>
-<h2>Results beside the paper</h2>{main_h}
+<h2>Did FLIP help here?</h2><p class="headline"><b>{html.escape(ev.get('headline', ''))}</b></p>
+<p>{html.escape(scope)}</p>{main_h}
+<p>Seeds and epochs: {html.escape(seeds_line)}. Paper AUC: the full dataset on a GPU (Table 2), for reference only.</p>
+<p>{html.escape(PROFILE_NOTE)}</p>
+<h2>Learning-rate selection (validation split only)</h2>{sel_h}
+{('<h2>ID models on the full training split (not an equal-data comparison)</h2>' + full_h) if full_h else ''}
 {''.join(sections_h)}
 <h2>Calibration (test)</h2>{cal_h}
 <h2>Figures</h2>{imgs}
@@ -197,7 +244,11 @@ Model selection on the validation split; test scored once. Paper numbers: Wang e
 </body></html>
 """
     md = (f"# FLIP evaluation report: {dataset}\n\nGenerated {stamp}. Model selection on validation; test scored once.\n\n"
-          f"## Results beside the paper (Table 2)\n\n{main_md}\n" + "\n".join(sections_md) +
+          f"## Did FLIP help here?\n\n**{ev.get('headline', '')}**\n\n{scope}\n\n{main_md}\n"
+          f"Seeds and epochs: {seeds_line}.\n\n{PROFILE_NOTE}\n\n"
+          f"## Learning-rate selection (validation split only)\n\n{sel_md}\n"
+          + (f"## ID models on the full training split (not an equal-data comparison)\n\n{full_md}\n" if full_md else "")
+          + "\n".join(sections_md) +
           f"\n## Calibration (test)\n\n{cal_md}\n## Data drift (training vs held-out windows)\n\n{drift_md}\n"
           f"Data validation: {validation.get('summary', 'not run')}\n")
     with atomic_file(reports_dir / "index.html") as tmp:

@@ -3,6 +3,7 @@
     encoder, tokenizer = load_plm(cfg.plm)            # PlmConfig
     states = encoder(input_ids, attention_mask)       # (B, L, D) last hidden states  (w in Eq. 4)
     cls = encoder.cls(states)                         # (B, D)    [CLS] / <s> vector  (w_{i,1})
+    sentence = encoder.sentence(states, attention_mask)  # (B, D) the sentence vector: [CLS] or mean (plm.pooling)
 
 ``cfg.name`` is a Hugging Face id (``huawei-noah/TinyBERT_General_4L_312D``, ``roberta-base``), a
 local directory holding ``config.json`` + weights + tokenizer files, or the alias ``minilm-l6``:
@@ -15,6 +16,15 @@ the rest of the code needs (pad, mask, specials) is read from the tokenizer, nev
 The pooler of BERT/RoBERTa is dropped: FLIP uses the raw ``[CLS]`` state of the last layer (as the
 authors' code does), and a pooler nobody uses would get no gradient (DDP would need
 ``find_unused_parameters``).
+
+Two options of ``PlmConfig`` change the encoder, both documented in ``params.yaml``:
+
+* ``pooling``: ``cls`` (the paper's [CLS] state, the default) or ``mean`` (the mean of the last
+  layer's token states over the attention mask). all-MiniLM-L6-v2 was trained as a sentence
+  encoder with mean pooling, so its [CLS] state carries little until it is finetuned.
+* ``layers``: 0 keeps every transformer layer; N keeps the first N (a smaller encoder made from
+  the shipped one, for a CPU budget). A checkpoint saved after truncation has N layers, so
+  loading it again with the same setting is a no-op.
 
 Only ``torch`` and ``transformers`` are imported; the package of the offline default is imported
 lazily, when the alias is resolved.
@@ -30,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+POOLINGS = ("cls", "mean")
 MINILM_ALIAS = "minilm-l6"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 ALIASES = {MINILM_ALIAS: MINILM_HUB_ID, "tinybert": "huawei-noah/TinyBERT_General_4L_312D"}
@@ -69,8 +80,11 @@ class PlmEncoder(nn.Module):
     Its ``state_dict`` is the HF model's under the prefix ``model.``.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, name: str = "") -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str = "", pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"plm.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # unused: FLIP takes the last layer's [CLS] state itself
         self.model = model
@@ -97,6 +111,14 @@ class PlmEncoder(nn.Module):
     def cls(states: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, D): the first token ([CLS] for BERT, <s> for RoBERTa)."""
         return states[:, 0]
+
+    def sentence(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, D): the sentence vector that heads read, by ``plm.pooling``: the first
+        token's state (``cls``) or the mean of the states of the real tokens (``mean``)."""
+        if self.pooling == "cls":
+            return self.cls(states)
+        m = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
+        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write model + tokenizer in Hugging Face format: ``load_plm`` can load the directory."""
@@ -137,7 +159,17 @@ def load_plm(cfg: Any) -> tuple[PlmEncoder, Any]:
     limit = _max_positions(model.config)
     if limit and max_length > limit:
         raise ValueError(f"plm.max_length={max_length} exceeds the {limit} positions of {cfg.name!r}")
-    return PlmEncoder(model, tokenizer, name=cfg.name), tokenizer
+    keep_layers(model, int(getattr(cfg, "layers", 0) or 0))
+    return PlmEncoder(model, tokenizer, name=cfg.name, pooling=getattr(cfg, "pooling", "cls") or "cls"), tokenizer
+
+
+def keep_layers(model: nn.Module, n: int) -> None:
+    """Keep the first ``n`` transformer layers of a BERT-style encoder (``n <= 0``: all)."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if n <= 0 or layers is None or n >= len(layers):
+        return
+    model.encoder.layer = nn.ModuleList(list(layers)[:n])
+    model.config.num_hidden_layers = n
 
 
 def _saved_with_pooler(path: str) -> bool:
@@ -161,4 +193,4 @@ def _max_positions(config: Any) -> int:
     return n
 
 
-__all__ = ["ALIASES", "MINILM_ALIAS", "PlmEncoder", "load_plm", "load_tokenizer", "resolve_plm_name"]
+__all__ = ["ALIASES", "MINILM_ALIAS", "POOLINGS", "PlmEncoder", "keep_layers", "load_plm", "load_tokenizer", "resolve_plm_name"]

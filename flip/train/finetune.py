@@ -49,6 +49,8 @@ finished run is not reused after its inputs changed.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,15 +64,19 @@ from torch import nn
 
 from flip.config import Config, FinetuneConfig
 from flip.data.tensors import TabularSplit, load_meta, load_tabular
+from flip.io import write_json
 from flip.train.loop import (
     EvalSet,
     LoopSettings,
     Task,
+    adopt_run,
     config_fingerprint,
     dataset_fingerprint,
+    finished_metrics,
     fit,
     resolve_device,
     run_seeds,
+    score_saved_run,
     set_threads,
 )
 from flip.train.precision import autocast, use_bf16
@@ -78,6 +84,7 @@ from flip.train.precision import autocast, use_bf16
 __all__ = [
     "CtrData",
     "PLANNED_STRATEGIES",
+    "lr_candidates",
     "Strategy",
     "TabularTask",
     "available_strategies",
@@ -109,8 +116,8 @@ class CtrData:
     def subset(self, train_last: int = 0, eval_rows: int = 0) -> "CtrData":
         """The last ``train_last`` training rows (the most recent) and at most ``eval_rows`` rows of
         valid and test, evenly spaced in time (a fixed, deterministic subsample); 0 keeps all.
-        Used where every row is expensive (a language model on a CPU: ``finetune.plm_max_rows``,
-        ``finetune.plm_eval_rows``)."""
+        Used for every strategy (``finetune.train_rows``, ``finetune.eval_rows``), so that a language
+        model, whose rows are expensive on a CPU, and the ID models compare on equal data."""
         splits, rows, positions = dict(self.splits), dict(self.rows), dict(self.positions)
         n = len(self.splits["train"])
         if 0 < train_last < n:
@@ -251,18 +258,21 @@ class Strategy:
     name: str
     build: StrategyBuilder
     fingerprint: Callable[[Config, "Path | None"], dict[str, Any]] | None = None  # extra run identity
+    uses_id: bool = True  # trains an ID model (finetune.lr, finetune.lr_grid)
+    uses_plm: bool = False  # trains a language model (finetune.plm_lr, plm_lr_grid, plm_epochs, plm_batch_size)
 
 
 _STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, fingerprint: Callable[[Config, Path | None], dict[str, Any]] | None = None):
+def register_strategy(name: str, fingerprint: Callable[[Config, Path | None], dict[str, Any]] | None = None, *,
+                      uses_id: bool = True, uses_plm: bool = False):
     """Decorator: register ``build(cfg, data, device, pretrained) -> Task`` as strategy ``name``."""
 
     def decorate(build: StrategyBuilder) -> StrategyBuilder:
         if name in _STRATEGIES:
             raise ValueError(f"finetuning strategy {name!r} is registered twice")
-        _STRATEGIES[name] = Strategy(name, build, fingerprint)
+        _STRATEGIES[name] = Strategy(name, build, fingerprint, uses_id, uses_plm)
         return build
 
     return decorate
@@ -303,14 +313,11 @@ def finetune_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------------------- entry point
-PLM_STRATEGIES = ("flip", "flip_plm", "plm_scratch")
-
-
 def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
     """Epochs and batch size from ``finetune``; strategies with a language model use ``plm_epochs`` /
     ``plm_batch_size`` where those are set (> 0)."""
     f, r = cfg.finetune, cfg.run
-    plm = f.strategy in PLM_STRATEGIES
+    plm = get_strategy(f.strategy).uses_plm
     return LoopSettings(
         epochs=(f.plm_epochs or f.epochs) if plm else f.epochs,
         batch_size=(f.plm_batch_size or f.batch_size) if plm else f.batch_size,
@@ -322,15 +329,51 @@ def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
     )
 
 
+def lr_candidates(cfg: Config, strategy: Strategy) -> list[dict[str, float]]:
+    """The learning rates to select among: ``finetune.lr_grid`` for a strategy that trains an ID model
+    times ``finetune.plm_lr_grid`` for one that trains a language model (an empty grid is the single
+    value ``lr`` / ``plm_lr``). ``flip`` trains both, so each group gets its own rate."""
+    f = cfg.finetune
+    ids = (f.lr_grid or [f.lr]) if strategy.uses_id else [f.lr]
+    plms = (f.plm_lr_grid or [f.plm_lr]) if strategy.uses_plm else [f.plm_lr]
+    return [{"lr": float(a), "plm_lr": float(b)} for a in dict.fromkeys(ids) for b in dict.fromkeys(plms)]
+
+
+def _with(cfg: Config, seed: int | None = None, **finetune: Any) -> Config:
+    run = cfg.run if seed is None else dataclasses.replace(cfg.run, seeds=[seed])
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **finetune), run=run)
+
+
+def _candidate_name(c: dict[str, float], strategy: Strategy) -> str:
+    parts = ([f"lr={c['lr']:g}"] if strategy.uses_id else []) + ([f"plm_lr={c['plm_lr']:g}"] if strategy.uses_plm else [])
+    return ",".join(parts)
+
+
 def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
              pretrained: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg.finetune.strategy`` on the processed dataset in ``dataset_dir`` for every seed;
     write the outputs to ``out_dir`` and return the metrics (aggregated over seeds when several).
 
+    Every strategy trains on the same rows: the last ``finetune.train_rows`` training rows (0 = all)
+    and is scored on at most ``finetune.eval_rows`` validation and test rows (0 = all), so that
+    strategies compare at equal data on the same rows.
+
+    Strategies with a language model run the first ``finetune.plm_seeds`` seeds of ``run.seeds``
+    (0 = all of them).
+
+    Learning-rate selection (when the grids give more than one candidate, see :func:`lr_candidates`):
+    each candidate is trained with the first seed in ``OUT/candidates/<lr…>/`` and scored on the
+    validation split only; the best validation AUC wins. The winner's run becomes that seed's run
+    (its test split scored then, once), the other seeds train with the winning rates, and
+    ``metrics.json`` records every candidate's validation metrics under ``selection``.
+
     ``pretrained``: the pretraining run directory, for the strategies that start from it.
     """
     strategy = get_strategy(cfg.finetune.strategy)  # fail before any work
+    if strategy.uses_plm and cfg.finetune.plm_seeds > 0:  # fewer seeds for the costly strategies
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seeds=cfg.run.seeds[:cfg.finetune.plm_seeds]))
     dataset_dir = Path(dataset_dir)
+    out_dir = Path(out_dir)
     pretrained = Path(pretrained) if pretrained is not None else None
     set_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
@@ -339,25 +382,64 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
 
     def data() -> CtrData:  # loaded at most once, and only if some seed has work to do
         if "data" not in cache:
-            cache["data"] = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows)
+            full = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows)
+            cache["data"] = full.subset(cfg.finetune.train_rows, cfg.finetune.eval_rows)
         return cache["data"]
 
-    def run_one(cfg_s: Config, out: Path) -> dict[str, Any]:
-        seed = cfg_s.run.seeds[0] if cfg_s.run.seeds else 0
-        config = cfg_s.to_dict()
+    def fingerprint(cfg_s: Config, seed: int) -> str:
         extra = {"stage": "finetune", "dataset": dataset_id}
         if strategy.fingerprint is not None:
             extra["strategy"] = strategy.fingerprint(cfg_s, pretrained)
+        return config_fingerprint(cfg_s.to_dict(), seed, extra)
+
+    def build(cfg_s: Config, holdout_test: bool = False) -> Callable[[], Task]:
+        def make() -> Task:
+            task = strategy.build(cfg_s, data(), device, pretrained)
+            if holdout_test:  # a selection candidate never sees the test split
+                task.eval_sets = {k: v for k, v in task.eval_sets.items() if k != "test"}
+            return task
+        return make
+
+    def run_one(cfg_s: Config, out: Path, holdout_test: bool = False) -> dict[str, Any]:
+        seed = cfg_s.run.seeds[0] if cfg_s.run.seeds else 0
+        fp = fingerprint(cfg_s, seed)
         return fit(
-            lambda: strategy.build(cfg_s, data(), device, pretrained),
+            build(cfg_s, holdout_test),
             loop_settings(cfg_s, device),
             out,
             seed=seed,
-            config=config,
-            fingerprint=config_fingerprint(config, seed, extra),
+            config=cfg_s.to_dict(),
+            fingerprint=fp + ("-candidate" if holdout_test else ""),
             info={"stage": "finetune", "strategy": strategy.name, "dataset_dir": str(dataset_dir),
                   "precision": "bf16" if finetune_bf16(cfg_s, device) else "fp32",
                   "pretrained": str(pretrained) if pretrained is not None else None},
         )
 
-    return run_seeds(cfg, out_dir, run_one)
+    candidates = lr_candidates(cfg, strategy)
+    if len(candidates) == 1:
+        shutil.rmtree(out_dir / "candidates", ignore_errors=True)
+        return run_seeds(_with(cfg, **candidates[0]), out_dir, run_one)
+
+    seeds = list(cfg.run.seeds) or [0]
+    first = seeds[0]
+    tried = []
+    for c in candidates:
+        m = run_one(_with(cfg, first, **c), out_dir / "candidates" / _candidate_name(c, strategy), holdout_test=True)
+        tried.append({**c, "valid_auc": m["valid"]["auc"], "valid_logloss": m["valid"]["logloss"],
+                      "best_epoch": m["train"]["best_epoch"]})
+    best = max(tried, key=lambda t: (t["valid_auc"] if t["valid_auc"] == t["valid_auc"] else -1.0))
+    chosen = {"lr": best["lr"], "plm_lr": best["plm_lr"]}
+    final = _with(cfg, **chosen)
+    selection = {"metric": "valid_auc", "seed": first, "candidates": tried, "selected": chosen,
+                 "grid": {"lr": sorted({c["lr"] for c in candidates}), "plm_lr": sorted({c["plm_lr"] for c in candidates})}}
+    # the winner's run is the first seed's run: adopt it, then score its test split once
+    first_dir = out_dir if len(seeds) == 1 else out_dir / f"seed-{first}"
+    cfg_first = _with(final, first)
+    if finished_metrics(first_dir, fingerprint(cfg_first, first)) is None:
+        adopt_run(out_dir / "candidates" / _candidate_name(chosen, strategy), first_dir,
+                  fingerprint(cfg_first, first))
+        score_saved_run(build(cfg_first), loop_settings(cfg_first, device), first_dir, "test")
+    result = run_seeds(final, out_dir, run_one)
+    result["selection"] = selection
+    write_json(out_dir / "metrics.json", result)
+    return result

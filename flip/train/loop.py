@@ -393,6 +393,7 @@ def fit(
     best_metric: float | None = None
     best_epoch, bad_epochs = 0, 0
     best_state: dict[str, torch.Tensor] | None = None
+    best_valid: tuple[dict[str, float], np.ndarray] | None = None  # this process's best-epoch valid scores
     epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
     epoch_samples = 0
     seconds = {"train": 0.0, "total": 0.0, "samples": 0}
@@ -529,7 +530,7 @@ def fit(
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
                                   "samples_per_second": samples_here / max(t_steps, 1e-9)}
         if has_valid:
-            valid_metrics, _ = score(task, "valid", settings.eval_batch_size, device)
+            valid_metrics, valid_prob = score(task, "valid", settings.eval_batch_size, device)
             record["valid_auc"], record["valid_logloss"] = valid_metrics["auc"], valid_metrics["logloss"]
             improved = _improved(valid_metrics["auc"], best_metric)
         else:
@@ -538,6 +539,7 @@ def fit(
             best_metric = record.get("valid_auc", best_metric)
             best_epoch, bad_epochs = epoch + 1, 0
             best_state = _cpu_state(model)
+            best_valid = (valid_metrics, valid_prob) if has_valid else None
         else:
             bad_epochs += 1
         record["best"] = best_epoch == epoch + 1
@@ -562,7 +564,10 @@ def fit(
     for split in ("valid", "test"):
         if split not in task.eval_sets:
             continue
-        m, prob = score(task, split, settings.eval_batch_size, device)
+        if split == "valid" and best_valid is not None:  # the best epoch's scores: same weights, no rescoring
+            m, prob = best_valid
+        else:
+            m, prob = score(task, split, settings.eval_batch_size, device)
         metrics[split] = m
         es = task.eval_sets[split]
         write_predictions(predictions_dir / f"{split}.parquet", es.row, es.y.detach().cpu().numpy(), prob)
@@ -592,6 +597,44 @@ def fit(
     })
     write_json(out / "metrics.json", metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def adopt_run(src: Path, dst: Path, fingerprint: str) -> None:
+    """Make the finished run in ``src`` (a selection candidate) the run in ``dst`` under ``fingerprint``:
+    its files are copied into ``dst`` (other entries of ``dst`` stay) and ``run.json`` carries the new
+    fingerprint; ``metrics.json`` is copied last, so an interrupted copy is not a finished run."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "metrics.json").unlink(missing_ok=True)
+    for item in src.iterdir():
+        if item.name in ("checkpoint", "run.json", "metrics.json"):
+            continue
+        if item.is_dir():
+            with atomic_dir(dst / item.name) as tmp:
+                shutil.copytree(item, tmp, dirs_exist_ok=True)
+        else:
+            with atomic_file(dst / item.name) as tmp:
+                shutil.copy2(item, tmp)
+    write_json(dst / "run.json", {**read_json(src / "run.json"), "fingerprint": fingerprint, "adopted_from": str(src)})
+    write_json(dst / "metrics.json", read_json(src / "metrics.json"))
+
+
+def score_saved_run(build_task: Callable[[], Task], settings: LoopSettings, out_dir: str | Path, split: str) -> dict[str, Any]:
+    """Score ``split`` with the weights a finished run saved (``model.safetensors``): its predictions
+    and metrics are added to the run. Used to score the test split once, after selection."""
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    device = torch.device(settings.device)
+    task = build_task()
+    task.model.load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
+    m, prob = score(task, split, settings.eval_batch_size, device)
+    es = task.eval_sets[split]
+    write_predictions(out / "predictions" / f"{split}.parquet", es.row, es.y.detach().cpu().numpy(), prob)
+    metrics = read_json(out / "metrics.json")
+    metrics[split] = m
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 

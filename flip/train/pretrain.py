@@ -235,8 +235,9 @@ class PretrainData:
 
 def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, device: torch.device,
                        ctx: DistContext | None = None, progress: bool = True) -> PretrainData:
-    """The training split (first ``pretrain.max_rows`` rows when > 0), tokenized with the cache of
-    ``flip.data.tokens`` (rank 0 tokenizes first; the other ranks then read its cache)."""
+    """The training split (first ``pretrain.max_rows`` rows when > 0, then the last
+    ``pretrain.train_rows`` of those when > 0), tokenized with the cache of ``flip.data.tokens``
+    (rank 0 tokenizes first; the other ranks then read its cache)."""
     ctx = ctx or DistContext()
     d = Path(dataset_dir)
     meta = load_meta(d)
@@ -248,6 +249,9 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     if tokens is None:
         tokens = tokenize_split(d, "train", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir, progress=False)
     tokens = tokens.head(len(tab))
+    if 0 < cfg.pretrain.train_rows < len(tab):  # the most recent rows: those finetune.train_rows trains on
+        tokens = tokens.take(torch.arange(len(tab) - cfg.pretrain.train_rows, len(tab)))
+        tab = tab.tail(cfg.pretrain.train_rows)
     if len(tokens) != len(tab):
         raise ValueError(f"{d}: {len(tokens)} tokenized rows for {len(tab)} training rows")
     counts = load_feature_counts(d, int(meta["vocab_size"]))
@@ -370,9 +374,15 @@ class PretrainTask(Task):
         self.eval_sets = {}
         self.bf16 = pretrain_bf16(cfg, device)
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        # one rate for everything (the paper), or the language model at pretrain.plm_lr (> 0) and the
+        # rest (ID model, the fresh MLM/MTM/ICL heads) at pretrain.lr
+        plm_ids = {id(p) for p in model.plm.parameters()} if pcfg.plm_lr > 0 else set()
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in plm_ids]
+        groups = [{"params": params}]
+        if plm_ids:
+            groups.append({"params": [p for p in model.plm.parameters() if p.requires_grad], "lr": pcfg.plm_lr})
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-        self.optimizer = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=pcfg.weight_decay, **fused)
+        self.optimizer = torch.optim.AdamW(groups, lr=pcfg.lr, weight_decay=pcfg.weight_decay, **fused)
         self.batch_size = int(pcfg.batch_size)
         self.accum = max(1, int(pcfg.grad_accum))
         self.steps_per_epoch = math.ceil(self.n_train / self.batch_size)

@@ -183,7 +183,7 @@ class PlmClassifier(nn.Module):
         self.head = nn.Linear(int(plm.hidden_size), 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.plm.cls(self.plm(input_ids, attention_mask))).squeeze(-1)
+        return self.head(self.plm.sentence(self.plm(input_ids, attention_mask), attention_mask)).squeeze(-1)
 
 
 class FlipModel(nn.Module):
@@ -202,7 +202,7 @@ class FlipModel(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         logit_id = self.id_model(x).float()  # (B,)
-        logit_plm = self.plm_head(self.plm.cls(self.plm(input_ids, attention_mask))).squeeze(-1).float()  # (B,)
+        logit_plm = self.plm_head(self.plm.sentence(self.plm(input_ids, attention_mask), attention_mask)).squeeze(-1).float()  # (B,)
         alpha = self.alpha.float()
         joint = alpha * logit_id + (1.0 - alpha) * logit_plm  # (B,)
         return joint, logit_id, logit_plm
@@ -299,13 +299,7 @@ def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: 
                        bf16=finetune_bf16(cfg, device), oov_dropout=cfg.finetune.oov_dropout)
 
 
-def plm_rows(cfg: Config, data: CtrData) -> CtrData:
-    """Strategies with a language model use ``finetune.plm_max_rows`` / ``plm_eval_rows`` (0 = all)."""
-    return data.subset(cfg.finetune.plm_max_rows, cfg.finetune.plm_eval_rows)
-
-
 def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -> Task:
-    data = plm_rows(cfg, data)
     plm, tokenizer = _load_plm_from(plm_name, cfg)
     model = PlmClassifier(plm).to(device)
     tokens = load_text_splits(cfg, data, tokenizer, device)
@@ -313,27 +307,26 @@ def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -
                    finetune_bf16(cfg, device), cfg.finetune.eval_batch_size)
 
 
-@register_strategy("flip_plm", fingerprint=_fingerprint_plm)
+@register_strategy("flip_plm", fingerprint=_fingerprint_plm, uses_id=False, uses_plm=True)
 def build_flip_plm(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """The aligned language model + a fresh Linear on [CLS]."""
     pdir = pretrained_dir(pretrained, "flip_plm")
     return _plm_task(cfg, data, device, str(pdir / "plm"))
 
 
-@register_strategy("plm_scratch", fingerprint=_fingerprint_plm_scratch)
+@register_strategy("plm_scratch", fingerprint=_fingerprint_plm_scratch, uses_id=False, uses_plm=True)
 def build_plm_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """The original (unaligned) language model ``cfg.plm.name`` + a fresh Linear on [CLS]."""
     return _plm_task(cfg, data, device, cfg.plm.name)
 
 
-@register_strategy("flip", fingerprint=_fingerprint_flip)
+@register_strategy("flip", fingerprint=_fingerprint_flip, uses_plm=True)
 def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """Both pretrained towers, fused by a learnable α; Eq. 15 loss; two learning rates."""
     from flip.models import build_id_model
 
     pdir = pretrained_dir(pretrained, "flip")
     _check_id_model(cfg, pdir, data)
-    data = plm_rows(cfg, data)
     id_model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
     load_pretrained_id_model(id_model, pdir)
     plm, tokenizer = _load_plm_from(str(pdir / "plm"), cfg)

@@ -72,3 +72,35 @@ def test_minilm_offline_default_loads():
     assert enc.hidden_size == 384 and enc.pad_token_id == 0 and tok.mask_token == "[MASK]"
     b = tok(["Gender is male."], return_tensors="pt")
     assert enc(b["input_ids"], b["attention_mask"]).shape == (1, b["input_ids"].shape[1], 384)
+
+
+def test_mean_pooling_averages_real_tokens_only(bert_dir):
+    enc, tok = load_plm(PlmConfig(name=str(bert_dir), pooling="mean"))
+    b = tok(["User ID is u1. Gender is male.", "Title is x."], padding=True, return_tensors="pt")
+    states = enc(b["input_ids"], b["attention_mask"])
+    pooled = enc.sentence(states, b["attention_mask"])
+    for i in range(2):  # by hand: the mean over the unpadded positions of each row
+        n = int(b["attention_mask"][i].sum())
+        assert torch.allclose(pooled[i], states[i, :n].mean(0), atol=1e-6)
+    assert n < b["input_ids"].shape[1]  # the second row really is padded
+    cls_enc, _ = load_plm(PlmConfig(name=str(bert_dir)))
+    assert torch.equal(cls_enc.sentence(states, b["attention_mask"]), states[:, 0])  # the paper's default
+    with pytest.raises(ValueError, match="pooling"):
+        PlmEncoder(enc.model, tok, pooling="max")
+
+
+def test_layers_keeps_the_first_layers_and_round_trips(bert_dir, tmp_path):
+    full, tok = load_plm(PlmConfig(name=str(bert_dir)))
+    n = len(full.model.encoder.layer)
+    assert n >= 2
+    small, _ = load_plm(PlmConfig(name=str(bert_dir), layers=1))
+    assert len(small.model.encoder.layer) == 1 and small.model.config.num_hidden_layers == 1
+    # the kept layer is the shipped model's first layer, unchanged
+    for (k, a), (_, b) in zip(small.model.encoder.layer[0].state_dict().items(),
+                              full.model.encoder.layer[0].state_dict().items()):
+        assert torch.equal(a, b), k
+    small.save_pretrained(tmp_path / "small")
+    again, _ = load_plm(PlmConfig(name=str(tmp_path / "small"), layers=1))
+    assert len(again.model.encoder.layer) == 1
+    x = tok(["Title is x."], return_tensors="pt")
+    assert torch.allclose(again(x["input_ids"], x["attention_mask"]), small(x["input_ids"], x["attention_mask"]))

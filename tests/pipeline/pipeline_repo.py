@@ -51,7 +51,7 @@ def tiny_profile(bert: Path):
         p["id_model"].update({"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2})
         p["plm"].update({"name": str(bert), "max_length": 48})
         p["pretrain"].update({"batch_size": 64, "max_steps": 6, "warmup_steps": 0, "lr": 1e-3, "precision": "fp32"})
-        p["finetune"].update({"epochs": 2, "plm_max_rows": 400, "plm_eval_rows": 150, "plm_epochs": 1,
+        p["finetune"].update({"epochs": 2, "train_rows": 400, "eval_rows": 150, "plm_epochs": 1,
                               "plm_batch_size": 64, "eval_batch_size": 512})
         p["run"].update({"progress": False, "threads": 1})
     return update

