@@ -151,8 +151,8 @@ def analyze(data: Data = None, params: Params = Path("params.yaml"), set_: Overr
 
     cfg = _config(params, set_)
     extra = dict(item.split("=", 1) for item in compare or [])
-    run = Path("models/finetune/scratch")
-    scratch = [run / "model.safetensors", *sorted(run.glob("seed-*/model.safetensors"))]
+    scratch_run = Path("models/finetune/scratch")
+    scratch = [scratch_run / "model.safetensors", *sorted(scratch_run.glob("seed-*/model.safetensors"))]
     scratch = [p for p in scratch if p.exists()]
     if scratch:  # (the first seed of several)
         extra.setdefault("scratch (no alignment)", str(scratch[0]))
