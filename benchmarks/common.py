@@ -34,11 +34,17 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def save(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def save(name: str, result: dict, directory: Path | None = None, echo: bool = True) -> Path:
+    """Write ``<directory or benchmarks/results>/<name>.json`` with the command, machine and date
+    first (atomically: a reader never sees half a file); print it unless ``echo`` is false."""
+    directory = Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
     result = {"command": command(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               **result}
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    path = directory / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    if echo:
+        print(json.dumps(result, indent=2))
     return path

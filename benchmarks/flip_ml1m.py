@@ -1,44 +1,52 @@
-"""FLIP on MovieLens-1M: preprocess -> pretrain -> finetune scratch / flip_id / flip_plm / flip.
+"""FLIP on MovieLens-1M: pretrain, then finetune scratch / flip_id / flip_plm / flip, under one profile.
 
-    python benchmarks/flip_ml1m.py --profile cpu                       # reduced, < 30 min on 2 CPU cores
-    python benchmarks/flip_ml1m.py --profile paper --data DIR --plm DIR  # paper settings, one GPU
+    python benchmarks/flip_ml1m.py                                   # quick profile (params.yaml), 2-core CPU
+    python benchmarks/flip_ml1m.py --profile paper --data DIR --plm DIR   # paper profile, one GPU
     torchrun --nproc-per-node 8 benchmarks/flip_ml1m.py --profile paper --data DIR --plm DIR   # 8 GPUs
+    benchmarks/gpu_check.sh                                          # the 10-minute GPU check (own docstring)
 
-Prints and writes ``benchmarks/results/flip_ml1m_<profile>.json``: per run the valid/test AUC and
-logloss (test scored once, with the best-validation weights), α for ``flip``, training throughput;
-for pretraining the losses, samples/s with batch size, sequence length, model, device and, on a
-GPU, MFU; plus the command line and the machine.
+Prints and writes ``benchmarks/results/flip_ml1m_<profile>.json``: the profile, its overrides and
+the resolved configuration; per strategy the valid/test AUC and logloss (test scored once, with the
+best-validation weights), α for ``flip``, training throughput, and the paired test-AUC difference
+to ``scratch`` (DeLong, ``flip.evaluate.significance.paired_delta``, when that module is present);
+for pretraining the losses, samples/s with batch size, sequence length, model, device, FLOPs per
+sample and, on a GPU, MFU; plus the command line and the machine.
+
+Profiles: one definition, shared with the pipeline
+--------------------------------------------------
+The configuration is exactly the pipeline's (``make run PROFILE=<name>``):
+``flip.config.load_config("params.yaml", overrides)`` where ``overrides`` are the lines of
+``profiles/<name>.txt`` (``#`` comments and blank lines skipped), followed by this script's own
+``-S key=value`` (repeatable, same spelling as ``flip <stage> -S`` and ``dvc exp run -S``), then
+``--plm`` (= ``-S plm.name=...``), ``--seed``, ``--device``, ``--threads``. There are no settings
+in this file.
+
+``quick`` (default; ``params.yaml`` alone, whose comments say what each value is)
+    What ``make run`` runs on a 2-core CPU: all-MiniLM-L6-v2 (``minilm-l6``, offline) at max_length
+    64, pretraining and every strategy on the same most recent ``finetune.train_rows`` training rows,
+    scored on the same ``finetune.eval_rows`` evenly spaced validation and test rows (equal data),
+    learning rates selected on validation (``finetune.lr_grid``), several seeds (``run.seeds``).
+    (This script's former ``cpu`` profile, with settings of its own, is gone: use ``quick``, with
+    ``-S`` overrides where needed.)
+``paper`` (``profiles/paper.txt``; for a GPU)
+    TinyBERT-4L-312D, max_length 100, 30 pretraining epochs over the whole training split at global
+    batch 1024 and lr 5e-5, finetuning on all rows at batch 256 (language-model strategies: 10
+    epochs), validation early stopping, α from 0. TinyBERT needs the network (or ``--plm DIR``).
 
 Data. ``--data DIR``: an already processed dataset (``flip preprocess`` output: Parquet +
-meta.json); otherwise the MovieLens-1M copy in ``FLIP_DATA_MIRROR`` or ``../shared/data`` (layout
-``ml-1m/ratings.dat``...) is preprocessed into the work directory (this step needs DuckDB; with
-``--data`` only torch + transformers + pyarrow (+ numpy, PyYAML, tqdm, safetensors) are needed, so
-the paper profile runs on a bare GPU machine; without scikit-learn the metrics use the numpy
-fallback of ``flip.evaluate.metrics``). ``--plm`` names the language model (HF id, local directory
-or ``minilm-l6``); a machine without internet needs a local directory.
+``meta.json``); otherwise ``data.processed_dir/<dataset>`` when it exists (the pipeline's own
+output), else the MovieLens-1M copy in ``FLIP_DATA_MIRROR`` or ``../shared/data`` (layout
+``ml-1m/ratings.dat``...) is preprocessed into the work directory (that step needs DuckDB; with
+``--data`` or an existing processed directory only torch + transformers + pyarrow (+ numpy, PyYAML,
+tqdm, safetensors) are needed, so a profile runs on a bare GPU machine; without scikit-learn the
+metrics use the numpy fallback of ``flip.evaluate.metrics``). A machine without internet needs a
+local directory for the language model (``--plm DIR``).
 
-Profiles
---------
-``paper`` (paper §4.1.4 and the authors' code; for a GPU)
-    PLM ``--plm`` (default ``tinybert`` = huawei-noah/TinyBERT_General_4L_312D), max_length 100,
-    DCNv2 (DCN-Mix, emb 32, DNN 300-300-128). Pretraining on the whole training split: 30 epochs,
-    global batch 1024, AdamW lr 5e-5, weight decay 1e-3, cosine decay, bf16 autocast (the authors
-    ran TinyBERT in fp32). Finetuning (batch 256 as the paper for ML-1M, validation early
-    stopping, patience 2): scratch / flip_id Adam lr 1e-3 (20 epochs); flip_plm AdamW 5e-5; flip
-    AdamW with PLM at 5e-5 and the rest at 1e-3 (10 epochs), weight decay 1e-3 for the PLM runs.
-``cpu`` (reduced, documented; ~25 min on this 2-core machine)
-    all-MiniLM-L6 (``minilm-l6``, offline), max_length 64 (ML-1M texts are ~52 tokens), bf16
-    autocast (2.3x faster than fp32 on AVX512-BF16 CPUs). Validation and test are each a fixed
-    random sample of ``--eval-rows`` (4000) rows (the same rows for every run). Pretraining: the most
-    recent ``--recent-rows`` (8000) training rows (closest in time to validation/test), batch 32,
-    ``--pretrain-steps`` (250) steps, AdamW lr 1e-4 with 20 warm-up steps, cosine decay. Finetuning:
-    ``scratch`` and ``flip_id`` on the FULL training split (batch 1024, up to 6 epochs, patience 1);
-    then ``scratch``, ``flip_id``, ``flip_plm``, ``flip`` on the same ``--recent-rows`` rows
-    (``*@recent``; PLM runs: 1 epoch, batch 32, PLM lr 5e-5, the rest 1e-3), so that FLIP's
-    effect is visible at equal data. ``flip@recent`` starts α at 0.5 instead of the authors' 0:
-    Adam moves the scalar α by about lr = 1e-3 per step, so in 250 steps from 0 it could not get
-    past ~0.25 (the authors train ~10^5 steps). ``--with-plm-scratch`` adds the unaligned-PLM
-    baseline (+~5 min).
+The GPU check (``benchmarks/gpu_check.sh``, ``benchmarks/gpu_check.py``) uses these functions with
+the paper profile, all-MiniLM-L6-v2 in fp16 from a self-contained bundle (TinyBERT is not available
+offline) and a pretraining schedule sized from the throughput it measures, so that it fits in 10
+minutes on one H100/H200; it writes ``benchmarks/results/gpu_check.json`` with the estimated time of
+the full 30-epoch schedule.
 
 MFU (GPU): model FLOPs per pretraining sample from ``flip.train.pretrain.flops_per_sample``
 (3 x forward; forward = a·(2·P_plm·T + 4·n_layers·T²·d) + b·2·P_id + MLM head on masked tokens +
@@ -62,46 +70,42 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+PARAMS = ROOT / "params.yaml"
+PROFILES_DIR = ROOT / "profiles"
+STRATEGIES = ("scratch", "flip_id", "flip_plm", "flip")
+BASELINE = "scratch"
+# paired test-AUC comparisons beyond "each against scratch": (a, b) -> a minus b
+COMPARISONS = (("flip", "flip_id"), ("flip", "flip_plm"))
+
 # dense bf16 peak TFLOPS by device-name fragment (first match wins)
 PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
                     ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0), ("V100", 125.0), ("4090", 165.2)]
 
-ID_MODEL = {"name": "dcnv2", "embedding_dim": 32, "dnn_hidden_units": [300, 300, 128], "dropout": 0.1,
-            "cross_layers": 2, "low_rank_mixture": True, "low_rank": 32, "num_experts": 4}
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {
-        "plm": "tinybert", "max_length": 100,
-        "pretrain": {"epochs": 30, "batch_size": 1024, "lr": 5e-5, "weight_decay": 1e-3, "warmup_steps": 0,
-                     "precision": "auto"},
-        "runs": [  # name, strategy, dataset ("full" | "recent"), finetune overrides
-            ("scratch", "scratch", "full", {"epochs": 20, "batch_size": 256, "lr": 1e-3}),
-            ("flip_id", "flip_id", "full", {"epochs": 20, "batch_size": 256, "lr": 1e-3}),
-            ("flip_plm", "flip_plm", "full", {"epochs": 10, "batch_size": 256, "plm_lr": 5e-5, "weight_decay": 1e-3,
-                                              "eval_batch_size": 4096}),
-            ("flip", "flip", "full", {"epochs": 10, "batch_size": 256, "lr": 1e-3, "plm_lr": 5e-5,
-                                      "optimizer": "adamw", "weight_decay": 1e-3, "eval_batch_size": 4096}),
-        ],
-        "plm_scratch": ("plm_scratch", "plm_scratch", "full", {"epochs": 10, "batch_size": 256, "plm_lr": 5e-5,
-                                                               "weight_decay": 1e-3, "eval_batch_size": 4096}),
-    },
-    "cpu": {
-        "plm": "minilm-l6", "max_length": 64, "eval_rows": 4000, "recent_rows": 8000, "pretrain_steps": 250,
-        "pretrain": {"epochs": 1, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-3, "warmup_steps": 20,
-                     "precision": "bf16"},
-        "runs": [
-            ("scratch", "scratch", "full", {"epochs": 6, "batch_size": 1024, "lr": 1e-3, "patience": 1}),
-            ("flip_id", "flip_id", "full", {"epochs": 6, "batch_size": 1024, "lr": 1e-3, "patience": 1}),
-            ("scratch@recent", "scratch", "recent", {"epochs": 6, "batch_size": 256, "lr": 1e-3, "patience": 1}),
-            ("flip_id@recent", "flip_id", "recent", {"epochs": 6, "batch_size": 256, "lr": 1e-3, "patience": 1}),
-            ("flip_plm@recent", "flip_plm", "recent", {"epochs": 1, "batch_size": 32, "plm_lr": 5e-5}),
-            ("flip@recent", "flip", "recent", {"epochs": 1, "batch_size": 32, "lr": 1e-3, "plm_lr": 5e-5,
-                                               "alpha_init": 0.5}),
-        ],
-        "plm_scratch": ("plm_scratch@recent", "plm_scratch", "recent", {"epochs": 1, "batch_size": 32,
-                                                                         "plm_lr": 5e-5}),
-    },
-}
+# -------------------------------------------------------------------------------------- profiles
+def profile_names() -> list[str]:
+    """``quick`` (params.yaml alone) and every ``profiles/<name>.txt``."""
+    return ["quick", *sorted(p.stem for p in PROFILES_DIR.glob("*.txt") if p.stem != "quick")]
+
+
+def profile_overrides(name: str) -> list[str]:
+    """The ``-S`` overrides of profile ``name``: the lines of ``profiles/<name>.txt`` (comments and
+    blank lines skipped); ``quick`` has none (it is ``params.yaml``)."""
+    if name == "quick":
+        return []
+    path = PROFILES_DIR / f"{name}.txt"
+    if not path.exists():
+        raise SystemExit(f"no profile {name!r}: {path} does not exist (profiles: {', '.join(profile_names())})")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def profile_config(name: str, extra: list[str] | None = None, params: Path = PARAMS) -> tuple[Any, list[str]]:
+    """``load_config(params, profile overrides + extra)`` and the list of overrides applied."""
+    from flip.config import load_config
+
+    overrides = profile_overrides(name) + list(extra or [])
+    return load_config(params, overrides), overrides
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -109,50 +113,25 @@ def mirror_dir() -> Path:
     return Path(os.environ.get("FLIP_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 
 
-def preprocess_ml1m(work: Path) -> Path:
-    """``flip preprocess`` of the MovieLens-1M copy into ``work/processed/movielens-1m`` (once)."""
+def processed_dataset(cfg: Any, work: Path) -> Path:
+    """The processed dataset of ``cfg.data.dataset``: the pipeline's ``data.processed_dir/<dataset>``
+    when it exists, else ``flip preprocess`` of the MovieLens-1M copy into ``work/processed``."""
+    own = cfg.data.processed_path
+    own = own if own.is_absolute() else ROOT / own
+    if (own / "meta.json").exists():
+        return own
+    if cfg.data.dataset != "movielens-1m":
+        raise SystemExit(f"no processed {cfg.data.dataset} at {own}: run `flip preprocess` or pass --data DIR")
     out = work / "processed" / "movielens-1m"
     if (out / "meta.json").exists():
         return out
     raw = mirror_dir() / "ml-1m"
     if not (raw / "ratings.dat").exists():
         raise SystemExit(f"no MovieLens-1M copy at {raw}: set FLIP_DATA_MIRROR or pass --data DIR")
-    from flip.config import config_from_dict
     from flip.data.preprocess import preprocess  # DuckDB: only when the data is not given processed
 
-    preprocess(config_from_dict({"data": {"dataset": "movielens-1m"}}), raw, out, progress=False)
+    preprocess(cfg, raw, out, progress=False)
     return out
-
-
-def derive_datasets(src: Path, work: Path, eval_rows: int, recent_rows: int, seed: int = 0) -> tuple[Path, Path]:
-    """Two processed datasets sharing ``meta.json``, ``feature_counts.parquet`` and validation/test
-    samples of ``eval_rows`` rows (fixed random rows, time order kept): ``full`` with the whole
-    training split, ``recent`` with its last ``recent_rows`` rows."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    full, recent = work / "data" / "ml1m-full", work / "data" / "ml1m-recent"
-    marker = {"src": str(src.resolve()), "eval_rows": eval_rows, "recent_rows": recent_rows, "seed": seed,
-              "meta": (src / "meta.json").read_text()}
-    done = work / "data" / "derived.json"
-    if done.exists() and json.loads(done.read_text()) == marker:
-        return full, recent
-    rng = np.random.default_rng(seed)
-    for d in (full, recent):
-        d.mkdir(parents=True, exist_ok=True)
-        for name in ("meta.json", "feature_counts.parquet"):
-            (d / name).write_bytes((src / name).read_bytes())
-    for split in ("valid", "test"):
-        table = pq.read_table(src / f"{split}.parquet")
-        keep = np.sort(rng.choice(table.num_rows, size=min(eval_rows, table.num_rows), replace=False))
-        sample = table.take(keep)
-        for d in (full, recent):
-            pq.write_table(sample, d / f"{split}.parquet")
-    train = pq.read_table(src / "train.parquet")
-    pq.write_table(train, full / "train.parquet")
-    pq.write_table(train.slice(max(0, train.num_rows - recent_rows)), recent / "train.parquet")
-    done.write_text(json.dumps(marker))
-    return full, recent
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -160,9 +139,15 @@ def device_info() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - the core needs it
+        pass
     if torch.cuda.is_available():
         info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
-                    bf16=torch.cuda.is_bf16_supported())
+                    bf16=torch.cuda.is_bf16_supported(), cuda=torch.version.cuda)
     else:
         info.update(device="cpu")
     return info
@@ -177,135 +162,7 @@ def peak_tflops(gpu: str | None, override: float | None) -> float | None:
     return None
 
 
-def base_tree(args: argparse.Namespace, profile: dict[str, Any], work: Path) -> dict[str, Any]:
-    return {
-        "id_model": dict(ID_MODEL),
-        "plm": {"name": args.plm or profile["plm"], "max_length": profile["max_length"],
-                "cache_dir": str(work / "tokens")},
-        "pretrain": dict(profile["pretrain"]),
-        "finetune": {"l2_embedding": 1e-4, "patience": 2, "eval_batch_size": 8192, "alpha_init": 0.0},
-        "run": {"seeds": [args.seed], "device": args.device, "threads": args.threads, "progress": not args.quiet},
-    }
-
-
-def summarise_finetune(name: str, strategy: str, metrics: dict[str, Any], out: Path, seconds: float) -> dict[str, Any]:
-    row = {
-        "strategy": strategy,
-        "valid_auc": metrics["valid"]["auc"], "valid_logloss": metrics["valid"]["logloss"],
-        "test_auc": metrics["test"]["auc"], "test_logloss": metrics["test"]["logloss"],
-        "epochs": metrics["train"]["epochs"], "best_epoch": metrics["train"]["best_epoch"],
-        "train_samples_per_second": metrics["train"]["samples_per_second"],
-        "seconds": round(seconds, 1), "params": metrics.get("params"),
-    }
-    if strategy == "flip":
-        from safetensors.torch import load_file
-
-        row["alpha"] = metrics.get("alpha", float(load_file(str(out / "model.safetensors"))["alpha"].item()))
-    return row
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--data", type=Path, help="processed MovieLens-1M directory (else preprocess the copy)")
-    parser.add_argument("--plm", help="language model: HF id, local directory or minilm-l6")
-    parser.add_argument("--work", type=Path, help="work directory (default runs/flip_ml1m_<profile>)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=2012)
-    parser.add_argument("--pretrain-steps", type=int, help="cpu: pretraining steps")
-    parser.add_argument("--recent-rows", type=int, help="cpu: training rows of the *@recent runs and pretraining")
-    parser.add_argument("--eval-rows", type=int, help="cpu: rows sampled from validation and from test")
-    parser.add_argument("--with-plm-scratch", action="store_true", help="also finetune the unaligned PLM")
-    parser.add_argument("--only", nargs="*", help="run only these finetuning runs (by name)")
-    parser.add_argument("--peak-tflops", type=float, help="accelerator peak (dense bf16) for MFU")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    from flip.config import config_from_dict
-    from flip.train.finetune import finetune
-    from flip.train.pretrain import pretrain
-
-    name = args.profile
-    profile = PROFILES[name]
-    work = args.work or ROOT / "runs" / f"flip_ml1m_{name}"
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    rank = int(os.environ.get("RANK", "0") or 0)
-
-    t0 = time.time()
-    source = args.data if args.data is not None else preprocess_ml1m(work)
-    settings: dict[str, Any] = {}
-    if name == "cpu":
-        eval_rows = args.eval_rows or profile["eval_rows"]
-        recent_rows = args.recent_rows or profile["recent_rows"]
-        steps = args.pretrain_steps or profile["pretrain_steps"]
-        datasets = dict(zip(("full", "recent"), derive_datasets(Path(source), work, eval_rows, recent_rows)))
-        pretrain_data = datasets["recent"]
-        settings = {"eval_rows": eval_rows, "recent_rows": recent_rows, "pretrain_steps": steps}
-    else:
-        datasets = {"full": Path(source), "recent": Path(source)}
-        pretrain_data = Path(source)
-        steps = 0
-    data_seconds = time.time() - t0
-
-    tree = base_tree(args, profile, work)
-    tree["pretrain"]["max_steps"] = steps
-    pre_dir = work / "pretrain"
-    t0 = time.time()
-    pre = pretrain(config_from_dict(tree), pretrain_data, pre_dir)
-    pre_seconds = time.time() - t0
-    if rank > 0:  # torchrun: the other ranks only help with pretraining
-        return {}
-
-    info = device_info()
-    peak = peak_tflops(info.get("gpu"), args.peak_tflops)
-    pretraining = {
-        "plm": tree["plm"]["name"], "max_length": tree["plm"]["max_length"], "mean_tokens": pre["mean_tokens"],
-        "batch_size": pre["batch_size"], "world_size": pre["world_size"], "steps": pre["steps"],
-        "rows": pre["rows"], "samples": pre["samples"], "precision": pre["precision"], "device": pre["device"],
-        "samples_per_second": pre["samples_per_second"], "seconds": round(pre_seconds, 1),
-        "loss": {k: pre[k] for k in ("loss", "mlm", "mtm", "icl")},
-        "first_step_loss": _first_step(pre_dir),
-        "accuracy": pre["accuracy"], "params": pre["params"], "plm_params": pre["plm_params"],
-        "flops_per_sample": pre["flops_per_sample"], "achieved_tflops": pre["achieved_tflops"],
-        "settings": tree["pretrain"],
-    }
-    if peak:
-        pretraining["peak_bf16_tflops"] = peak
-        pretraining["mfu"] = pre["achieved_tflops"] / peak / max(1, pre["world_size"])
-
-    runs = list(profile["runs"]) + ([profile["plm_scratch"]] if args.with_plm_scratch else [])
-    results: dict[str, Any] = {}
-    for run_name, strategy, dataset, overrides in runs:
-        if args.only and run_name not in args.only:
-            continue
-        cfg_tree = json.loads(json.dumps(tree))
-        cfg_tree["finetune"].update(overrides, strategy=strategy)
-        out = work / "finetune" / run_name.replace("@", "-")
-        t0 = time.time()
-        metrics = finetune(config_from_dict(cfg_tree), datasets[dataset], out, pretrained=pre_dir)
-        results[run_name] = {**summarise_finetune(run_name, strategy, metrics, out, time.time() - t0),
-                             "data": dataset, "settings": cfg_tree["finetune"]}
-        print(f"{run_name:>18}: valid AUC {metrics['valid']['auc']:.4f}  test AUC {metrics['test']['auc']:.4f}  "
-              f"logloss {metrics['test']['logloss']:.4f}"
-              + (f"  alpha {results[run_name]['alpha']:.3f}" if "alpha" in results[run_name] else ""), flush=True)
-
-    result = {
-        "profile": name, "profile_settings": settings, "data": str(source), "work": str(work),
-        "device": info, "seconds": {"data": round(data_seconds, 1), "pretrain": round(pre_seconds, 1),
-                                    "total": round(time.time() - started, 1)},
-        "pretraining": pretraining, "finetuning": results,
-    }
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import save
-
-    suffix = "" if not args.only else "_partial"
-    save(f"flip_ml1m_{name}{suffix}", result)
-    return result
-
-
-def _first_step(out: Path) -> dict[str, Any] | None:
+def first_step_loss(out: Path) -> dict[str, Any] | None:
     log = out / "log.jsonl"
     if not log.exists():
         return None
@@ -314,6 +171,190 @@ def _first_step(out: Path) -> dict[str, Any] | None:
         if rec.get("event") == "step":
             return {k: rec.get(k) for k in ("loss", "mlm", "mtm", "icl")}
     return None
+
+
+def run_pretraining(cfg: Any, data: Path, out: Path, peak: float | None = None) -> dict[str, Any]:
+    """``flip.train.pretrain.pretrain`` and its summary (losses, throughput, FLOPs, MFU when ``peak``).
+    Under torchrun the other ranks return ``{}``."""
+    from flip.train.pretrain import pretrain
+
+    t0 = time.time()
+    pre = pretrain(cfg, data, out)
+    seconds = time.time() - t0
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        return {}
+    summary = {
+        "plm": cfg.plm.name, "max_length": cfg.plm.max_length, "mean_tokens": pre["mean_tokens"],
+        "batch_size": pre["batch_size"], "world_size": pre["world_size"], "steps": pre["steps"],
+        "epochs": pre.get("epochs"), "rows": pre["rows"], "samples": pre["samples"],
+        "precision": pre["precision"], "device": pre["device"],
+        "samples_per_second": pre["samples_per_second"], "seconds": round(seconds, 1),
+        "train_seconds": pre.get("seconds"),
+        "loss": {k: pre[k] for k in ("loss", "mlm", "mtm", "icl")},
+        "first_step_loss": first_step_loss(out),
+        "accuracy": pre["accuracy"], "params": pre["params"], "plm_params": pre["plm_params"],
+        "flops_per_sample": pre["flops_per_sample"], "achieved_tflops": pre["achieved_tflops"],
+        "settings": cfg.to_dict()["pretrain"],
+    }
+    if peak:
+        summary["peak_bf16_tflops"] = peak
+        summary["mfu"] = pre["achieved_tflops"] / peak / max(1, pre["world_size"])
+    return summary
+
+
+def run_finetuning(cfg: Any, strategy: str, data: Path, out: Path, pretrained: Path | None) -> dict[str, Any]:
+    """``flip.train.finetune.finetune`` of ``strategy`` and its summary row."""
+    import dataclasses
+
+    from flip.train.finetune import finetune
+
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, strategy=strategy))
+    t0 = time.time()
+    metrics = finetune(cfg, data, out, pretrained=pretrained)
+    row = {
+        "strategy": strategy,
+        "valid_auc": metrics["valid"]["auc"], "valid_logloss": metrics["valid"]["logloss"],
+        "test_auc": metrics["test"]["auc"], "test_logloss": metrics["test"]["logloss"],
+        "epochs": metrics["train"]["epochs"], "best_epoch": metrics["train"]["best_epoch"],
+        "steps": metrics["train"].get("steps"),
+        "train_samples_per_second": metrics["train"]["samples_per_second"],
+        "seconds": round(time.time() - t0, 1), "params": metrics.get("params"),
+    }
+    for key in ("alpha", "seeds", "std", "selection"):
+        if key in metrics:
+            row[key] = metrics[key]
+    print(f"{strategy:>12}: valid AUC {row['valid_auc']:.4f}  test AUC {row['test_auc']:.4f}  "
+          f"logloss {row['test_logloss']:.4f}" + (f"  alpha {row['alpha']:.3f}" if "alpha" in row else ""), flush=True)
+    return row
+
+
+def test_predictions(run_dir: Path) -> dict[str, tuple[Any, Any, Any]]:
+    """seed -> (row, label, prob) of a finetuning run's test predictions (one seed or ``seed-*/``)."""
+    import pyarrow.parquet as pq
+
+    dirs = {"0": run_dir} if (run_dir / "predictions" / "test.parquet").exists() else {
+        d.name.removeprefix("seed-"): d for d in sorted(run_dir.glob("seed-*")) if (d / "predictions").is_dir()}
+    out = {}
+    for seed, d in dirs.items():
+        t = pq.read_table(d / "predictions" / "test.parquet", columns=["row", "label", "prob"])
+        out[seed] = tuple(t.column(c).to_numpy() for c in ("row", "label", "prob"))
+    return out
+
+
+def paired_deltas(runs: dict[str, Path]) -> dict[str, Any]:
+    """Paired test-AUC differences (DeLong, mean over seeds) on the test rows every run scored:
+    each strategy minus ``scratch``, and ``flip`` minus ``flip_id`` / ``flip_plm``. Empty when
+    ``flip.evaluate.significance`` is absent."""
+    try:
+        from flip.evaluate.significance import paired_delta
+    except ImportError:
+        return {}
+    import numpy as np
+
+    preds = {name: test_predictions(d) for name, d in runs.items()}
+    preds = {k: v for k, v in preds.items() if v}
+    if len(preds) < 2:
+        return {}
+    common = None
+    for per in preds.values():
+        for row, _, _ in per.values():
+            common = set(row.tolist()) if common is None else common & set(row.tolist())
+    keep = np.array(sorted(common or ()), dtype=np.int64)
+    if keep.size == 0:
+        return {}
+    aligned, y = {}, None
+    for name, per in preds.items():
+        aligned[name] = {}
+        for seed, (row, label, prob) in per.items():
+            order = np.argsort(row)
+            pos = order[np.searchsorted(row, keep, sorter=order)]
+            aligned[name][seed] = prob[pos].astype(np.float64)
+            y = label[pos].astype(np.float64) if y is None else y
+    pairs = [(a, BASELINE) for a in aligned if a != BASELINE] + list(COMPARISONS)
+    result = {}
+    for a, b in pairs:
+        if a in aligned and b in aligned:
+            try:
+                result[f"{a}-{b}"] = paired_delta(y, aligned[a], aligned[b])
+            except ValueError as exc:  # one class only (a tiny dry run)
+                result[f"{a}-{b}"] = {"error": str(exc)}
+    return result
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=profile_names(), default="quick",
+                        help="quick = params.yaml; NAME = params.yaml + profiles/NAME.txt (as make run PROFILE=NAME)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override after the profile, e.g. -S pretrain.max_steps=100 (repeatable)")
+    parser.add_argument("--params", type=Path, default=PARAMS, help="params file (default: the repository's)")
+    parser.add_argument("--data", type=Path, help="processed dataset directory (default: data.processed_dir, else "
+                                                  "preprocess the MovieLens-1M copy)")
+    parser.add_argument("--plm", help="language model: HF id, local directory or minilm-l6 (= -S plm.name=...)")
+    parser.add_argument("--work", type=Path, help="work directory (default runs/flip_ml1m_<profile>)")
+    parser.add_argument("--device", help="= -S run.device=...")
+    parser.add_argument("--threads", type=int, help="= -S run.threads=...")
+    parser.add_argument("--seed", type=int, help="= -S run.seeds=[SEED]")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="finetuning strategies to run")
+    parser.add_argument("--with-plm-scratch", action="store_true", help="also finetune the unaligned PLM")
+    parser.add_argument("--peak-tflops", type=float, help="accelerator peak (dense bf16) for MFU")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--results", type=Path, help="directory of the results JSON (default benchmarks/results)")
+    args = parser.parse_args(argv)
+
+    if args.quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported (later)
+    name = args.profile
+    work = (args.work or ROOT / "runs" / f"flip_ml1m_{name}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    # the token cache of this work directory first, so that -S plm.cache_dir=... can still move it
+    extra = [f"plm.cache_dir={work / 'tokens'}", *args.overrides]
+    if args.plm:
+        extra.append(f"plm.name={args.plm}")
+    if args.device:
+        extra.append(f"run.device={args.device}")
+    if args.threads is not None:
+        extra.append(f"run.threads={args.threads}")
+    if args.seed is not None:
+        extra.append(f"run.seeds=[{args.seed}]")
+    if args.quiet:
+        extra.append("run.progress=false")
+    cfg, overrides = profile_config(name, extra, args.params)
+    started = time.time()
+    rank = int(os.environ.get("RANK", "0") or 0)
+
+    t0 = time.time()
+    data = args.data.resolve() if args.data is not None else processed_dataset(cfg, work)
+    data_seconds = time.time() - t0
+
+    info = device_info()
+    peak = peak_tflops(info.get("gpu"), args.peak_tflops)
+    pre_dir = work / "pretrain"
+    pretraining = run_pretraining(cfg, data, pre_dir, peak)
+    if rank > 0:  # torchrun: the other ranks only help with pretraining
+        return {}
+
+    strategies = list(dict.fromkeys(args.strategies + (["plm_scratch"] if args.with_plm_scratch else [])))
+    results: dict[str, Any] = {}
+    runs: dict[str, Path] = {}
+    for strategy in strategies:
+        runs[strategy] = work / "finetune" / strategy
+        results[strategy] = run_finetuning(cfg, strategy, data, runs[strategy], pre_dir)
+
+    result = {
+        "profile": name, "overrides": overrides, "data": str(data), "work": str(work), "device": info,
+        "config": {k: v for k, v in cfg.to_dict().items() if k in ("id_model", "plm", "pretrain", "finetune", "run")},
+        "seconds": {"data": round(data_seconds, 1), "pretrain": pretraining.get("seconds"),
+                    "total": round(time.time() - started, 1)},
+        "pretraining": pretraining, "finetuning": results, "paired_test_auc": paired_deltas(runs),
+    }
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import save
+
+    partial = set(strategies) != set(STRATEGIES)
+    save(f"flip_ml1m_{name}" + ("_partial" if partial else ""), result, args.results)
+    return result
 
 
 if __name__ == "__main__":
