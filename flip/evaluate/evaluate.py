@@ -74,9 +74,11 @@ def run_settings(run: Path, seeds: dict[str, Path]) -> dict[str, Any]:
     start = next((json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()
                   if '"start"' in line), {}) if (first / "log.jsonl").exists() else {}
     f = config.get("finetune", {})
-    selection = metrics.get("selection") or {
-        "metric": "valid_auc", "candidates": [{"lr": f.get("lr"), "plm_lr": f.get("plm_lr"),
-                                               "valid_auc": metrics.get("valid", {}).get("auc")}],
+    first_metrics = read_json(first / "metrics.json")
+    selection = metrics.get("selection") or {  # one candidate: the fixed rates, scored like a selection's
+        "metric": "valid_auc", "seed": read_json(first / "run.json").get("seed"),
+        "candidates": [{"lr": f.get("lr"), "plm_lr": f.get("plm_lr"),
+                        "valid_auc": first_metrics.get("valid", {}).get("auc")}],
         "selected": {"lr": f.get("lr"), "plm_lr": f.get("plm_lr")}, "grid": None}
     epochs = [read_json(d / "metrics.json").get("train", {}).get("epochs") for d in seeds.values()]
     return {"train_rows": start.get("n_train"), "batch_size": start.get("batch_size"), "epochs_run": epochs,
