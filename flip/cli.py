@@ -182,6 +182,85 @@ def report(out: Out = None,
     typer.echo(f"report: {result['html']} ({result['figures']} figures)")
 
 
+@app.command()
+@_stage
+def drift(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None):
+    """Evidently drift of the newest window (test split) against the training data: attributes and label."""
+    from flip.evaluate.monitoring import drift as run
+
+    cfg = _config(params, set_)
+    result = run(cfg, data or cfg.data.processed_path, out or Path("reports/drift"))
+    verdict = "; ".join(result["reasons"]) if result["drift"] else "no attribute or target drift"
+    typer.echo(f"drift of the newest window ({result['window_rows']:,} rows): {verdict} "
+               f"(policy {cfg.retrain.drift_policy}; ID-like columns not counted: {', '.join(result['id_like'])})")
+
+
+@app.command()
+@_stage
+def package(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
+            run: Annotated[Path, typer.Option(help="finetuning run directory (its best-validation seed is packaged)")] = Path(
+                "models/full/flip_id"),
+            pretrained: Annotated[Optional[Path], typer.Option(help="pretraining run (for models with a language model)")] = None):
+    """Bundle a finetuned model for serving: weights, vocabularies, model.json (+ TorchScript for ID models)."""
+    from flip.deploy.package import package as run_package
+
+    cfg = _config(params, set_)
+    out = out or Path("models/serve") / run.name
+    info = run_package(run, data or cfg.data.processed_path, out, name=out.name, pretrained=pretrained)
+    typer.echo(f"packaged {info['strategy']} (seed {info['seed']}, valid AUC {info['valid_auc']:.4f}) -> {out}")
+
+
+@app.command()
+@_stage
+def predict(model: Annotated[str, typer.Option(help="bundle directory, ARTIFACT@VERSION or ARTIFACT@STAGE")],
+            input_: Annotated[list[Path], typer.Option("--input", "-i", help="CSV/Parquet file(s), or a raw directory")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="output file (.parquet or .csv)")],
+            id_column: Annotated[str, typer.Option(help="input column to copy as the row id")] = "",
+            batch_rows: Annotated[int, typer.Option(help="rows per scored batch")] = 8192,
+            quiet: Quiet = False):
+    """Score new rows with a packaged or registered model: writes each row's id and click probability."""
+    import tempfile
+
+    from flip.deploy.predict import predict as run
+    from flip.deploy.registry import resolve
+
+    with tempfile.TemporaryDirectory(prefix="flip-model-") as work:
+        bundle = resolve(Path("."), model, Path(work))
+        result = run(bundle, input_, out, batch_rows=batch_rows, id_column=id_column, progress=not quiet)
+    unseen = ", ".join(f"{k} {v:,}" for k, v in result["oov_rows"].items() if v)
+    quality = f"; AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}" if "auc" in result else ""
+    typer.echo(f"scored {result['rows']:,} rows ({result['rows_per_second']:,.0f} rows/s) -> {out}{quality}; "
+               f"rows with an unseen value: {unseen or 'none'}")
+
+
+@app.command()
+@_stage
+def gate(params: Params = Path("params.yaml"), set_: Overrides = None, data: Data = None,
+         artifact: Annotated[str, typer.Option(help="artifact name in dvc.yaml")] = "flip_id",
+         challenger: Annotated[Optional[Path], typer.Option(help="challenger bundle (default: the artifact's path)")] = None,
+         champion: Annotated[str, typer.Option(help="champion: bundle, ARTIFACT@VERSION, ARTIFACT@STAGE; "
+                                                    "default: the artifact in retrain.stage; 'none': no champion")] = "",
+         out: Out = None):
+    """Challenger vs champion on the newest window (paired ΔAUC with its interval); exit 0, decision in JSON."""
+    import tempfile
+
+    from flip.deploy.gate import gate as run
+    from flip.deploy.registry import artifact_path, in_stage, resolve
+
+    cfg = _config(params, set_)
+    challenger = challenger or Path(artifact_path(Path("."), artifact))
+    spec, version = champion, ""
+    if not spec:
+        current = in_stage(Path("."), artifact, cfg.retrain.stage)
+        spec, version = (f"{artifact}@{current['version']}", current["version"]) if current else ("none", "")
+    out = out or Path("reports/gate") / f"{artifact}.json"
+    with tempfile.TemporaryDirectory(prefix="flip-champion-") as work:
+        champion_dir = None if spec == "none" else resolve(Path("."), spec, Path(work))
+        result = run(challenger, champion_dir, data or cfg.data.processed_path, cfg.retrain, out, artifact=artifact,
+                     champion_version=version or spec)
+    typer.echo(f"{artifact}: {'promote' if result['promote'] else 'keep the champion'}: {'; '.join(result['reasons'])}")
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="flip")
 

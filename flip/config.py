@@ -208,6 +208,22 @@ class ScheduleConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """The retraining loop (flows/pipeline.py ``retrain``): drift policy, champion/challenger gate, registry."""
+
+    artifacts: list[str] = field(default_factory=lambda: ["flip_id", "flip"])  # dvc.yaml artifacts to gate
+    stage: str = "prod"  # the GTO stage a promotion assigns
+    pretrain: str = "always"  # always: re-pretrain on the new data | reuse: finetune from the last pretraining
+    drift_policy: str = "warn"  # warn | stop: what attribute or target drift of the newest window does
+    drift_share: float = 0.5  # drift = at least this share of attribute columns drifted
+    target_drift: float = 0.05  # ... or the positive rate moved by more than this (absolute)
+    max_auc_drop: float = 0.005  # gate: challenger AUC >= champion AUC - this, on the same rows
+    max_logloss_rise: float = 0.01  # gate: challenger logloss <= champion logloss + this
+    min_auc: float = 0.55  # gate: the challenger's AUC on the newest window is at least this
+    commit: bool = True  # commit dvc.lock on promotion (a GTO version is a git tag on a commit)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -218,6 +234,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

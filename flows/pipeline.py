@@ -27,9 +27,9 @@ from prefect.cache_policies import NO_CACHE
 # foreach group (finetune@flip_id, finetune@flip_plm, finetune@flip); tests check that every stage
 # of dvc.yaml is in exactly one group, so the retrain flow never skips one.
 STAGE_GROUPS: dict[str, list[str]] = {
-    "prepare-data": ["download", "preprocess", "validate"],
+    "prepare-data": ["download", "preprocess", "validate", "drift"],
     "pretrain": ["pretrain"],
-    "finetune": ["scratch", "finetune", "full_scratch", "full_flip_id"],
+    "finetune": ["scratch", "finetune", "full_scratch", "full_flip_id", "package"],
     "evaluate": ["evaluate", "analyze", "report"],
 }
 

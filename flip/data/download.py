@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -111,13 +110,14 @@ def download(cfg: Config, out: Path, *, progress: bool = True) -> dict[str, Any]
     mirror = cfg.data.resolved_mirror()
     if mirror:
         root = Path(mirror) / info.directory
-        for raw in info.files:
-            src = find_raw(root, raw.name)
+        sources = [find_raw(root, raw.name) for raw in info.files]
+        for raw, src in zip(info.files, sources):  # check them all before placing any: no partial output
             if not src.exists():
                 raise DataError(
                     f"the data mirror lacks {raw.name}", file=str(src),
                     fix=f"copy the official {raw.name} of {info.name} to {src} (or unset FLIP_DATA_MIRROR to download)",
                 )
+        for src in sources:
             _place(src, out / src.name)
         manifest["origin"] = f"mirror:{root}"
     else:
@@ -142,7 +142,8 @@ def download(cfg: Config, out: Path, *, progress: bool = True) -> dict[str, Any]
         manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
     manifest["archives_sha256"] = {k: v["sha256"] for k, v in manifest["archives"].items()} or old.get(
         "archives_sha256", {})
-    manifest["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # no wall-clock time here: DVC hashes this file, and the same raw files must give the same hash
+    # (a retrain without new data then re-runs nothing downstream)
     write_json(manifest_path, manifest)
     return manifest
 

@@ -9,7 +9,8 @@ Steps, all in one on-disk DuckDB database that spills beyond ``preprocess.memory
 4. per-field vocabularies on the training split only: global id 0 = padding, 1 = the shared
    ``[MASK]`` feature, then for each field its OOV id (``offset``) followed by its training values;
 5. text ``"<field> is <value>."`` joined by spaces, with each value's character span;
-6. write ``{train,valid,test}.parquet``, ``feature_counts.parquet`` and ``meta.json`` into a
+6. write ``{train,valid,test}.parquet``, ``feature_counts.parquet``, ``vocab.parquet`` (field,
+   value, id, count) and ``meta.json`` into a
    temporary directory that replaces the output directory only when everything succeeded.
 """
 
@@ -26,7 +27,7 @@ from flip.config import Config
 from flip.data.sources import get_source
 from flip.data.sources.base import SourceInfo, sql_str
 from flip.errors import DataError
-from flip.io import atomic_dir, write_json
+from flip.io import atomic_dir, read_json, write_json
 
 PAD_ID, MASK_ID, FIRST_FIELD_ID = 0, 1, 2
 SPLITS = ("train", "valid", "test")
@@ -145,6 +146,11 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
                   FROM range({vocab_size}) r(i) LEFT JOIN ({counts_sql}) c ON c.gid = r.i ORDER BY id)
             TO {sql_str(str(tmp / 'feature_counts.parquet'))} (FORMAT parquet)
         """)
+        # the vocabularies themselves (value -> global id), for scoring new rows with a trained model
+        vocab_sql = " UNION ALL ".join(
+            f"SELECT {sql_str(name)} AS field, value, gid::INTEGER AS id, cnt::BIGINT AS count FROM vocab_{k}"
+            for k, name in enumerate(names))
+        con.execute(f"COPY ({vocab_sql} ORDER BY id) TO {sql_str(str(tmp / 'vocab.parquet'))} (FORMAT parquet)")
         total_pos = con.execute("SELECT avg(label) FROM ordered").fetchone()[0]
         con.close()
 
@@ -160,13 +166,27 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
             "positive_rate": {"total": float(total_pos), **{s: stats[s]["positive_rate"] for s in SPLITS}},
             "time_range": {s: [stats[s]["first_timestamp"], stats[s]["last_timestamp"]] for s in SPLITS},
             "feature_counts": "feature_counts.parquet",
+            "vocabulary": "vocab.parquet",
             "text_template": "{title} is {value}.",
             "label_rule": info.label_rule,
             "split_rule": info.split_rule,
             "params": {"test_fraction": cfg.preprocess.test_fraction, "valid_divisor": cfg.preprocess.valid_divisor,
                        "min_count": cfg.preprocess.min_count},
-            "seconds": round(time.time() - started, 2),
-        }
+        }  # no timings here: the same raw files must give byte-identical outputs (DVC hashes them)
         write_json(tmp / "meta.json", meta)
     log(f"[preprocess] done in {time.time() - started:.1f}s -> {out_dir}")
     return meta
+
+
+def split_values(data_dir: Path, split: str) -> Any:
+    """A processed split back as raw values (Arrow): ``row``, ``label`` and one VARCHAR column per field,
+    each value cut from the row's text by its character span (what a model's vocabulary maps)."""
+    import duckdb
+
+    meta = read_json(Path(data_dir) / "meta.json")
+    cols = ", ".join(
+        f"substr(text, span_start[{k + 1}] + 1, span_end[{k + 1}] - span_start[{k + 1}]) AS \"{f['name']}\""
+        for k, f in enumerate(meta["fields"]))
+    path = sql_str(str(Path(data_dir) / f"{split}.parquet"))
+    with duckdb.connect() as con:
+        return con.sql(f"SELECT row, label::VARCHAR AS label, {cols} FROM read_parquet({path}) ORDER BY row").to_arrow_table()

@@ -92,3 +92,91 @@ def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, sli
                          "mean_pred": means[0] if means else None, "mean_label": means[1] if len(means) > 1 else None,
                          "html": f"{stem}.html"}
     return summary
+
+
+def id_like_fields(meta: dict[str, Any]) -> list[str]:
+    """Fields whose values are identifiers rather than attributes: the user and item fields, and any
+    field with more than max(100, rows/200) training values (zip codes, titles). A chronological
+    window always "drifts" on them (new users and items arrive), so they do not count as drift."""
+    rows = int(meta["counts"]["train"])
+    limit = max(100, rows // 200)
+    named = {meta.get("user_field"), meta.get("item_field")}
+    return [f["name"] for f in meta["fields"] if f["name"] in named or int(f["train_values"]) > limit]
+
+
+def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *, drift_share: float,
+                 target_drift: float, max_rows: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """Data drift (attribute columns) and target drift (the label) of the newest window against the
+    training data, with Evidently; the verdict says whether either crossed its threshold."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    fields = [f["name"] for f in meta["fields"]]
+    ids = id_like_fields(meta)
+    attributes = [f for f in fields if f not in ids]
+    columns = [*attributes, *ids, "label"]
+    definition = DataDefinition(categorical_columns=columns)
+
+    def prep(df: Any) -> Any:
+        df = df[columns].astype(str)
+        return df.sample(n=max_rows, random_state=seed) if len(df) > max_rows else df
+
+    snap = Report([DataDriftPreset(columns=columns)]).run(
+        current_data=Dataset.from_pandas(prep(window), data_definition=definition),
+        reference_data=Dataset.from_pandas(prep(train), data_definition=definition))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    snap.save_html(str(out_dir / "window_drift.html"))
+    metrics = snap.dict()["metrics"]
+    score = {m["config"].get("column"): float(m["value"]) for m in metrics if m["metric_name"].startswith("ValueDrift")}
+    method = {m["config"].get("column"): m["config"].get("method") for m in metrics
+              if m["metric_name"].startswith("ValueDrift")}
+    threshold = {m["config"].get("column"): m["config"].get("threshold") for m in metrics
+                 if m["metric_name"].startswith("ValueDrift")}
+
+    def drifted(col: str) -> bool:  # Evidently's test per column: a p-value below, or a distance at/above, its threshold
+        t = threshold.get(col)
+        if t is None or col not in score:
+            return False
+        return score[col] < t if "p_value" in str(method.get(col, "")) else score[col] >= t
+
+    drifted_attr = [c for c in attributes if drifted(c)]
+    share = len(drifted_attr) / len(attributes) if attributes else 0.0
+    rate_train, rate_window = float(train["label"].astype(float).mean()), float(window["label"].astype(float).mean())
+    reasons = []
+    if attributes and share >= drift_share:
+        reasons.append(f"{len(drifted_attr)} of {len(attributes)} attribute columns drifted "
+                       f"({', '.join(drifted_attr)}; retrain.drift_share={drift_share:g})")
+    if abs(rate_window - rate_train) > target_drift:
+        reasons.append(f"the positive rate moved from {rate_train:.3f} (training) to {rate_window:.3f} "
+                       f"(retrain.target_drift={target_drift:g})")
+    return {
+        "reference_rows": int(len(train)), "window_rows": int(len(window)),
+        "attributes": attributes, "id_like": ids,
+        "drifted_attributes": drifted_attr, "drifted_share": share,
+        "id_like_drifted": [c for c in ids if drifted(c)],
+        "positive_rate": {"train": rate_train, "window": rate_window},
+        "label_drift_score": score.get("label"),
+        "drift_score": score, "method": method,
+        "drift": bool(reasons), "reasons": reasons,
+        "expected": "ID-like columns (users, items, zip codes, titles) always differ in a newer window: "
+                    "they are shown but do not count as drift",
+        "html": "window_drift.html",
+    }
+
+
+def drift(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """The newest window (test split) against the training split: ``OUT/drift.json`` + Evidently page.
+    The verdict is applied by the retrain flow (``retrain.drift_policy``: warn or stop)."""
+    from flip.data.preprocess import split_values
+    from flip.io import atomic_dir, read_json, write_json
+
+    meta = read_json(Path(data_dir) / "meta.json")
+    train = split_values(data_dir, "train").to_pandas()
+    window = split_values(data_dir, "test").to_pandas()
+    with atomic_dir(out_dir) as tmp:
+        result = window_drift(train, window, meta, tmp, drift_share=cfg.retrain.drift_share,
+                              target_drift=cfg.retrain.target_drift)
+        result["window_time_range"] = meta.get("time_range", {}).get("test")
+        result["policy"] = cfg.retrain.drift_policy
+        write_json(tmp / "drift.json", result)
+    return result

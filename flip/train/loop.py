@@ -82,6 +82,8 @@ NON_SEMANTIC_KEYS = (
     "preprocess.memory_limit",
     "preprocess.threads",
     "validate",
+    "schedule",
+    "retrain",
 )
 
 

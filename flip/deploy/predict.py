@@ -1,0 +1,260 @@
+"""``flip predict``: score new rows with a model bundle, streaming, in bounded memory.
+
+Input, either
+* one or more CSV / Parquet files (``.gz`` CSV too) with one column per field of the model, named by
+  the field (``user_id``), its title (``User ID``) or, for your own data, the original column
+  (``User ID`` → ``user_id``); optional ``label`` (0/1) and an id column (``--id-column``, default
+  ``id`` or ``row`` when present, else the row's position in the input);
+* or a directory in the raw layout of the dataset the model was trained on (``data/raw/ml-1m``),
+  read by that dataset's own reader with its checks; rows are numbered in the pipeline's time order,
+  as the ``row`` column of the processed splits.
+
+Each value is cleaned as in preprocessing, mapped through the training vocabulary (unseen values take
+their field's OOV id and are counted per field), and, for models with a language model, rendered as
+the same ``"<field> is <value>."`` text. DuckDB does the joins (out of core); rows are scored in
+batches of ``batch_rows`` and written as they come (Parquet or CSV by the output's suffix), so memory
+stays bounded whatever the input size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flip.deploy.package import Bundle, load_bundle
+from flip.errors import DataError, FlipError
+from flip.io import atomic_file
+
+TEXT_CHUNK = 256  # rows per language-model forward pass
+
+
+@dataclass
+class ScoredBatch:
+    ids: Any  # pyarrow array: the row ids
+    prob: np.ndarray  # (B,) float64
+    label: np.ndarray | None  # (B,) 0/1, when the input has labels
+    oov: np.ndarray  # (F,) rows of this batch whose value of field k was unseen in training
+
+
+def _key(column: str) -> str:
+    from flip.data.sources.csv import _key as key
+
+    return key(column)
+
+
+def _reader(paths: list[Path]) -> str:
+    from flip.data.sources.base import sql_str
+
+    files = "[" + ", ".join(sql_str(str(p)) for p in paths) + "]"
+    suffixes = {"".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix for p in paths}
+    if suffixes <= {".parquet"}:
+        return f"read_parquet({files})"
+    if suffixes <= {".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz"}:
+        return f"read_csv({files}, all_varchar = true, header = true)"
+    raise DataError(f"cannot read files of type {', '.join(sorted(suffixes))}", file=str(paths[0]),
+                    fix="give CSV (.csv, .tsv, .txt, optionally .gz) or Parquet files, all of one kind")
+
+
+def _table_rows(con: Any, bundle: Bundle, relation: str, where: str, id_column: str) -> tuple[bool, str]:
+    """View ``rows`` (_pos, _id, [label], v_0 … v_{F-1}) over a table with a column per field."""
+    from flip.data.sources.base import clean_text
+
+    columns = [d[0] for d in con.execute(f"SELECT * FROM {relation} LIMIT 0").description]
+    chosen = []
+    for f in bundle.fields:
+        match = [c for c in columns if c == f["name"] or c == f["title"] or _key(c) == f["name"]]
+        if not match:
+            raise DataError(f"no column for the model's field {f['name']!r} ({f['title']})", file=where,
+                            column=f["name"], fix=f"give a column per field: {', '.join(x['name'] for x in bundle.fields)}"
+                            f" (found {', '.join(columns)})")
+        chosen.append(match[0])
+    id_col = id_column or next((c for c in ("id", "row") if c in columns), "")
+    if id_col and id_col not in columns:
+        raise DataError(f"no id column {id_col!r}", file=where, column=id_col,
+                        fix=f"name one of the columns ({', '.join(columns)}) with --id-column")
+    has_label = "label" in columns
+    casts = [clean_text('CAST("' + c.replace('"', '""') + '" AS VARCHAR)') for c in chosen]
+    values = ", ".join(f"{expr} AS v_{k}" for k, expr in enumerate(casts))
+    con.execute(f"""
+        CREATE TEMP VIEW numbered AS SELECT row_number() OVER () - 1 AS _pos, * FROM {relation}
+    """)
+    ident = f'"{id_col}"' if id_col else "_pos"
+    label = ', TRY_CAST("label" AS VARCHAR) AS label' if has_label else ""
+    con.execute(f"CREATE TEMP VIEW rows AS SELECT _pos, {ident} AS _id{label}, {values} FROM numbered")
+    if has_label:
+        bad, first = con.execute(
+            "SELECT count(*), min(_pos) FROM rows WHERE label IS NULL OR trim(label) NOT IN ('0', '1')").fetchone()
+        if bad:
+            value = con.execute(f"SELECT label FROM rows WHERE _pos = {first}").fetchone()[0]
+            raise DataError(f"{bad:,} row(s) have a label that is not 0 or 1", file=where, row=int(first) + 1,
+                            column="label", value=value, fix="give 0/1 labels, or drop the label column to score")
+    return has_label, id_col or "row"
+
+
+def _raw_rows(con: Any, bundle: Bundle, directory: Path) -> tuple[bool, str]:
+    """View ``rows`` over a raw directory read by the dataset's own source (rows in time order)."""
+    from flip.config import config_from_dict
+    from flip.data.sources import get_source
+
+    cfg = config_from_dict(bundle.info["config"])
+    if cfg.data.dataset == "csv":
+        raise FlipError(f"{directory} is a directory: for a model trained on your own data, pass the CSV or "
+                        "Parquet files themselves (--input logs/new-*.csv)")
+    get_source(cfg.data.dataset).load(con, Path(directory), cfg)
+    values = ", ".join(f"v_{k}" for k in range(len(bundle.fields)))
+    con.execute(f"""CREATE TEMP VIEW rows AS
+        SELECT row_number() OVER (ORDER BY ts, sort_user, sort_item) - 1 AS _pos,
+               row_number() OVER (ORDER BY ts, sort_user, sort_item) - 1 AS _id, label::VARCHAR AS label, {values}
+        FROM samples""")
+    return True, "row"
+
+
+def _features_sql(con: Any, bundle: Bundle, has_label: bool) -> str:
+    from flip.data.preprocess import text_and_spans_sql
+    from flip.data.sources.base import sql_str
+
+    vocab = sql_str(str(bundle.path / "vocab.parquet"))
+    joins, ids = [], []
+    for k, f in enumerate(bundle.fields):
+        con.execute(f"CREATE TEMP TABLE vocab_{k} AS SELECT value, id FROM read_parquet({vocab}) "
+                    f"WHERE field = {sql_str(f['name'])}")
+        joins.append(f"LEFT JOIN vocab_{k} ON r.v_{k} = vocab_{k}.value")
+        ids.append(f"coalesce(vocab_{k}.id, {int(f['oov_id'])})::BIGINT AS f_{k}")
+    text = ""
+    if bundle.uses_plm:
+        t, starts, ends = text_and_spans_sql([f["title"] for f in bundle.fields])
+        text = f", {t} AS text, {starts} AS span_start, {ends} AS span_end"
+    label = ", trim(r.label)::INTEGER AS label" if has_label else ""
+    return (f"SELECT r._id{label}, {', '.join(ids)}{text} FROM rows r {' '.join(joins)} ORDER BY r._pos")
+
+
+def _score_batch(bundle: Bundle, batch: Any, device: torch.device) -> np.ndarray:
+    n_fields = len(bundle.fields)
+    x = torch.from_numpy(np.stack([batch.column(f"f_{k}").to_numpy() for k in range(n_fields)], axis=1)).to(device)
+    with torch.no_grad():
+        if not bundle.uses_plm:
+            return torch.sigmoid(bundle.model(x).float()).double().cpu().numpy()
+        from flip.data.tokens import tokenize_texts
+
+        texts = batch.column("text").to_pylist()
+        starts = np.array(batch.column("span_start").to_pylist(), dtype=np.int64).reshape(len(texts), n_fields)
+        ends = np.array(batch.column("span_end").to_pylist(), dtype=np.int64).reshape(len(texts), n_fields)
+        tok = tokenize_texts(texts, starts, ends, bundle.tokenizer, bundle.max_length)
+        ids = torch.from_numpy(tok["input_ids"].astype(np.int64)).to(device)
+        mask = torch.from_numpy(tok["attention_mask"].astype(np.int64)).to(device)
+        from flip.train.precision import autocast, use_bf16
+
+        bf16 = bundle.info.get("text_precision") == "bf16" and use_bf16("auto", device, "text_precision")
+        out = []
+        for lo in range(0, len(texts), TEXT_CHUNK):
+            sl = slice(lo, lo + TEXT_CHUNK)
+            with autocast(device, bf16):
+                logits = bundle.model(x[sl], ids[sl], mask[sl])[0] if bundle.uses_id else bundle.model(ids[sl], mask[sl])
+            out.append(torch.sigmoid(logits.float()))
+        return torch.cat(out).double().cpu().numpy()
+
+
+def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any = None, batch_rows: int = 8192,
+                 id_column: str = "", threads: int = 0) -> tuple[Iterator[ScoredBatch], str]:
+    """Score ``inputs`` (files, or one raw directory) or an in-memory Arrow ``table``, batch by batch.
+    Returns the batches and the name of the id column."""
+    import duckdb
+
+    con = duckdb.connect()
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    con.execute("SET preserve_insertion_order = true")
+    if table is not None:
+        con.register("input_table", table)
+        has_label, id_name = _table_rows(con, bundle, "input_table", "(input table)", id_column)
+    else:
+        paths = [Path(p) for p in inputs or []]
+        if not paths:
+            raise FlipError("no input given. Fix: flip predict --input FILE [--input FILE ...] --out FILE")
+        for p in paths:
+            if not p.exists():
+                raise DataError("input file is missing", file=str(p), fix="check the path given with --input")
+            if p.is_file() and p.stat().st_size == 0:
+                raise DataError("input file is empty", file=str(p), fix="give a file with a header and rows")
+        if len(paths) == 1 and paths[0].is_dir():
+            has_label, id_name = _raw_rows(con, bundle, paths[0])
+        else:
+            has_label, id_name = _table_rows(con, bundle, _reader(paths), str(paths[0]), id_column)
+    sql = _features_sql(con, bundle, has_label)
+    oov_ids = np.array([f["oov_id"] for f in bundle.fields], dtype=np.int64)
+    device = next(bundle.model.parameters()).device
+
+    def batches() -> Iterator[ScoredBatch]:
+        try:
+            reader = con.sql(sql).to_arrow_reader(batch_rows)
+            for batch in reader:
+                if batch.num_rows == 0:
+                    continue
+                prob = _score_batch(bundle, batch, device)
+                x = np.stack([batch.column(f"f_{k}").to_numpy() for k in range(len(oov_ids))], axis=1)
+                label = batch.column("label").to_numpy() if has_label else None
+                yield ScoredBatch(batch.column("_id"), prob, label, (x == oov_ids).sum(0))
+        finally:
+            con.close()
+
+    return batches(), id_name
+
+
+def predict(model: Path, inputs: list[Path], out: Path, *, batch_rows: int = 8192, id_column: str = "",
+            threads: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Score ``inputs`` with the bundle in ``model``; write ``out`` (id, prob[, label]); return a summary
+    (rows, rows/s, OOV counts per field, AUC and logloss where the input has labels)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from flip.evaluate.metrics import auc, logloss
+
+    bundle = load_bundle(model)
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise FlipError(f"--out {out}: give a .parquet or .csv file name")
+    started = time.perf_counter()
+    stream, id_name = score_stream(bundle, inputs, batch_rows=batch_rows, id_column=id_column, threads=threads)
+    rows, oov = 0, np.zeros(len(bundle.fields), dtype=np.int64)
+    labels, probs = [], []
+    writer = None
+    with atomic_file(out) as tmp:
+        try:
+            for b in stream:
+                cols = {id_name: b.ids, "prob": pa.array(b.prob)}
+                if b.label is not None:
+                    cols["label"] = pa.array(b.label.astype(np.int8))
+                    labels.append(b.label.astype(np.int8))
+                    probs.append(b.prob)
+                chunk = pa.table(cols)
+                if writer is None:
+                    writer = (pq.ParquetWriter(str(tmp), chunk.schema) if out.suffix == ".parquet"
+                              else pacsv.CSVWriter(str(tmp), chunk.schema))
+                writer.write_table(chunk)
+                rows += len(b.prob)
+                oov += b.oov
+                if progress:
+                    print(f"[predict] {rows:,} rows scored ({rows / (time.perf_counter() - started):,.0f} rows/s)",
+                          flush=True)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise DataError("no rows to score", file=str(inputs[0]), fix="give files with at least one data row")
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "model": str(model), "artifact": bundle.info.get("artifact"), "strategy": bundle.info["strategy"],
+        "rows": rows, "seconds": round(seconds, 3), "rows_per_second": rows / max(seconds, 1e-9),
+        "oov_rows": {f["name"]: int(n) for f, n in zip(bundle.fields, oov)}, "out": str(out)}
+    if labels:
+        y, p = np.concatenate(labels), np.concatenate(probs)
+        if len(np.unique(y)) == 2:
+            summary.update(auc=auc(y, p), logloss=logloss(y, p))
+    return summary
