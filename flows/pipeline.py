@@ -56,21 +56,45 @@ def defined_stages(project: Path) -> list[str]:
 
 RETRY_DELAY = float(os.environ.get("FLIP_STAGE_RETRY_DELAY", "20"))
 
+# DVC's advice after each stage, and bar fragments: noise in a flow's log
+NOISE = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage",
+         "Use `dvc push`", "Updating lock file")
+
+
+def _env() -> dict[str, str]:
+    # the stages call `flip`: make this environment's scripts findable (a worker's PATH may lack them);
+    # no progress bars (a log gets one line per epoch from the stages instead)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def stream(cmd: list[str], cwd: str, logger: Any) -> tuple[int, list[str]]:
+    """Run ``cmd``, sending each output line to ``logger`` as it comes; returns (exit code, lines)."""
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env=_env()) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").split("\r")[-1].rstrip()
+            if not line.strip() or line.lstrip().startswith(NOISE):
+                continue
+            lines.append(line)
+            logger.info(line)
+    return proc.returncode, lines
+
 
 @task(retries=2, retry_delay_seconds=RETRY_DELAY, retry_jitter_factor=0.5, cache_policy=NO_CACHE)
 def run_stage(project: str, stage: str, force: bool = False) -> list[str]:
-    """``dvc repro --single-item <stage>``; retried on failure (network, preemption)."""
+    """``dvc repro --single-item <stage>``, its output streamed to the log; retried on failure
+    (network, preemption). A failed stage leaves its previous outputs in place (``dvc checkout``)."""
     logger = get_run_logger()
     cmd = [_dvc(), "repro", "--single-item", *(["--force"] if force else []), stage]
     logger.info("%s $ %s", project, " ".join(cmd))
-    # the stages call `flip`: make this environment's scripts findable (a worker's PATH may lack them)
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env)
-    for line in (done.stdout + done.stderr).splitlines():
-        logger.info(line)
-    if done.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    code, lines = stream(cmd, project, logger)
+    if code != 0:
+        # DVC removes a stage's outputs before running it: put the last good ones back
+        subprocess.run([_dvc(), "checkout", "--force", stage], cwd=project, capture_output=True, env=_env())
+        raise RuntimeError(f"stage {stage} failed (exit {code}): " + "\n".join(lines[-15:]))
     return stage_outputs(Path(project), stage)
 
 
@@ -108,19 +132,135 @@ def evaluate(project: str = ".") -> dict[str, list[str]]:
     return _run(project, STAGE_GROUPS["evaluate"])
 
 
+def _lock_stages(project: Path) -> dict[str, Any]:
+    lock = project / "dvc.lock"
+    return yaml.safe_load(lock.read_text()).get("stages", {}) if lock.exists() else {}
+
+
+@task(cache_policy=NO_CACHE)
+def gate_artifact(project: str, artifact: str) -> dict[str, Any]:
+    """``flip gate``: the challenger (this run's bundle) against the champion (the registry's model in
+    ``retrain.stage``) on the newest window; returns the decision (``reports/gate/<artifact>.json``)."""
+    logger = get_run_logger()
+    code, lines = stream([str(Path(sys.executable).parent / "flip"), "gate", "--artifact", artifact], project, logger)
+    if code != 0:
+        raise RuntimeError(f"flip gate --artifact {artifact} failed (exit {code}): " + "\n".join(lines[-10:]))
+    return json.loads((Path(project) / "reports" / "gate" / f"{artifact}.json").read_text())
+
+
+@task(cache_policy=NO_CACHE)
+def promote_artifact(project: str, artifact: str, stage: str, commit: bool, message: str) -> dict[str, str]:
+    """Commit ``dvc.lock``, register the next GTO version of ``artifact`` and assign ``stage`` to it."""
+    from flip.deploy.registry import promote
+
+    done = promote(Path(project), artifact, stage, commit=commit, message=message)
+    get_run_logger().info("promoted %s %s to %s (commit %s)", artifact, done["version"], stage, done["commit"][:8])
+    return done
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """The run's summary for the Prefect UI: drift verdict, comparison and decision per artifact."""
+    lines = [f"# Retrain: {result['status']}", "", result["message"], ""]
+    drift = result.get("drift")
+    if drift:
+        lines += [f"**Drift of the newest window** ({drift['window_rows']:,} rows vs {drift['reference_rows']:,} "
+                  f"training rows, policy `{drift['policy']}`): "
+                  + ("; ".join(drift["reasons"]) if drift["drift"] else "none in the attributes or the label") + ".",
+                  ""]
+    if result.get("gates"):
+        lines += ["| artifact | champion | challenger AUC | champion AUC | ΔAUC [95% CI] | p | Δlogloss | decision |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, g in result["gates"].items():
+            champ, d = g.get("champion"), g.get("delta")
+            promoted = result.get("promoted", {}).get(name)
+            decision = f"promoted {promoted['version']}" if promoted else ("promote" if g["promote"] else "refused")
+            lines.append("| " + " | ".join([
+                name, champ["version"] if champ else "none",
+                f"{g['challenger']['auc']:.4f}", f"{champ['auc']:.4f}" if champ else "-",
+                f"{d['auc']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "-",
+                f"{d['p_value']:.3f}" if d else "-", f"{d['logloss']:+.4f}" if d else "-", decision]) + " |")
+        lines += ["", *[f"- {name}: {'; '.join(g['reasons'])}" for name, g in result["gates"].items()]]
+    return "\n".join(lines)
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(project: str = ".", pull_new_data: bool = True) -> dict[str, Any]:
-    """The whole pipeline on the newest data: what the weekly schedule runs."""
-    project = str(Path(project).resolve())
-    outputs = {**prepare_data(project, pull_new_data), **pretrain(project), **finetune(project),
-               **evaluate(project)}
-    result: dict[str, Any] = {"outputs": outputs}
-    for name in ("reports/eval.json", "reports/validation.json"):
-        path = Path(project) / name
-        if path.exists():
-            result[name] = json.loads(path.read_text()).get("summary")
-    print(json.dumps(result, indent=2, default=str))
-    return result
+def retrain(project: str = ".", pull_new_data: bool = True):
+    """What the weekly schedule runs: new data in, drift check, training, then the challenger meets
+    the champion on the newest window and is promoted (a GTO version + stage) only if the gate holds.
+
+    * No new data since the champion's version: nothing runs after the data check.
+    * Drift of the newest window (``flip drift``): ``retrain.drift_policy`` warn → logged and reported;
+      stop → the run ends Failed with the reason, before anything trains.
+    * ``retrain.pretrain``: ``always`` re-pretrains on the new data (the costly GPU step);
+      ``reuse`` finetunes from the last pretraining (its ID embeddings mapped onto the new vocabulary).
+    * A refused challenger leaves the champion in place and ends the run Failed ("NotPromoted"), with
+      the reasons in the log, the return value and the run's markdown artefact.
+    """
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.states import Completed, Failed
+
+    from flip.config import load_config
+    from flip.deploy.registry import artifact_path, in_stage, lock_hash
+
+    logger = get_run_logger()
+    root = Path(project).resolve()
+    project = str(root)
+    cfg = load_config(root / "params.yaml")
+    rc = cfg.retrain
+    before = _lock_stages(root)
+    result: dict[str, Any] = {"outputs": {}, "drift": None, "gates": {}, "promoted": {}}
+
+    def finish(status: str, message: str, ok: bool):
+        after = _lock_stages(root)
+        result.update(status=status, message=message,
+                      stages_run=[s for s in after if after[s] != before.get(s)])
+        for name in ("reports/eval.json", "reports/validation.json"):
+            path = root / name
+            if path.exists():
+                result[name] = json.loads(path.read_text()).get("summary")
+        create_markdown_artifact(summary_markdown(result), key="retrain-summary", description=message[:200])
+        print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2, default=str))
+        return Completed(message=message, data=result) if ok else Failed(name=status, message=message, data=result)
+
+    result["outputs"].update(prepare_data(project, pull_new_data))
+    champions = {a: in_stage(root, a, rc.stage) for a in rc.artifacts}
+    data_path = cfg.data.processed_path.as_posix()
+    if all(champions.values()) and all(
+            lock_hash(root, data_path) == lock_hash(root, data_path, rev=c["commit"]) for c in champions.values()):
+        return finish("NoNewData", "no new data since the champion's version: nothing retrained, the champion stays",
+                      True)
+
+    drift_file = root / "reports" / "drift" / "drift.json"
+    if drift_file.exists():
+        result["drift"] = json.loads(drift_file.read_text())
+        if result["drift"]["drift"]:
+            reason = "; ".join(result["drift"]["reasons"])
+            if rc.drift_policy == "stop":
+                return finish("DriftStopped", f"stopped before training (retrain.drift_policy=stop): {reason}", False)
+            logger.warning("drift of the newest window (retrain.drift_policy=warn, training goes on): %s", reason)
+
+    reuse = rc.pretrain == "reuse" and (root / "models" / "pretrain" / "id_model.safetensors").exists()
+    if reuse:
+        logger.info("retrain.pretrain=reuse: finetuning from the last pretraining run (models/pretrain)")
+    else:
+        result["outputs"].update(pretrain(project))
+    result["outputs"].update(finetune(project))
+    result["outputs"].update(evaluate(project))
+
+    for artifact in rc.artifacts:
+        artifact_path(root, artifact)  # declared in dvc.yaml
+        result["gates"][artifact] = gate_artifact(project, artifact)
+    refused = [a for a, g in result["gates"].items() if not g["promote"]]
+    for artifact, g in result["gates"].items():
+        if g["promote"]:
+            result["promoted"][artifact] = promote_artifact(
+                project, artifact, rc.stage, rc.commit,
+                f"retrain: {artifact} (AUC {g['challenger']['auc']:.4f} on the newest window)")
+    if refused:
+        why = "; ".join(f"{a}: {'; '.join(result['gates'][a]['reasons'])}" for a in refused)
+        return finish("NotPromoted", f"the champion stays for {', '.join(refused)}: {why}", False)
+    versions = ", ".join(f"{a} {p['version']}" for a, p in result["promoted"].items())
+    return finish("Promoted", f"promoted {versions} to {rc.stage}", True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -817,6 +817,8 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
         os.replace(tmp / name, target)
     shutil.rmtree(tmp, ignore_errors=True)
     write_json(out / "dataset_meta.json", load_meta(dataset_dir))
+    if (Path(dataset_dir) / "vocab.parquet").exists():  # lets a later dataset reuse this run (vocabulary map)
+        shutil.copy2(Path(dataset_dir) / "vocab.parquet", out / "vocab.parquet")
 
     # log.jsonl: per-objective values in the loop's step/epoch records
     records = {(r["epoch"], r["epoch_step"]): r for r in summary["records"]}

@@ -48,6 +48,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,8 +100,10 @@ def pretrained_dir(pretrained: str | Path | None, strategy: str) -> Path:
     return d
 
 
-def _check_id_model(cfg: Config, pdir: Path, data: CtrData | None = None) -> None:
-    """The ID-model settings and the feature vocabulary must be the pretraining run's."""
+def _check_id_model(cfg: Config, pdir: Path, data: CtrData | None = None) -> torch.Tensor | None:
+    """The ID-model settings must be the pretraining run's. Returns None when the feature vocabulary is
+    the pretraining run's too, else the map from this dataset's ids to the run's embedding rows (a
+    retrain that reuses the last pretraining on newer data: see :func:`vocabulary_map`)."""
     used = read_json(pdir / "config.json").get("id_model", {})
     mine = dataclasses.asdict(cfg.id_model)
     diff = sorted(k for k in set(used) | set(mine) if used.get(k) != mine.get(k))
@@ -108,22 +111,51 @@ def _check_id_model(cfg: Config, pdir: Path, data: CtrData | None = None) -> Non
         shown = ", ".join(f"id_model.{k}={used.get(k)!r} (here {mine.get(k)!r})" for k in diff)
         raise FlipError(f"the pretraining run {pdir} used other ID-model settings: {shown}. Fix: finetune with "
                         "the same id_model settings as the pretraining run (e.g. -S id_model.KEY=VALUE).")
-    if data is not None:
-        meta = read_json(pdir / "dataset_meta.json")
-        ours = [(f["name"], f["offset"], f["size"]) for f in data.meta["fields"]]
-        theirs = [(f["name"], f["offset"], f["size"]) for f in meta["fields"]]
-        if ours != theirs or int(meta["vocab_size"]) != data.vocab_size:
-            raise FlipError(f"the pretraining run {pdir} was made on a dataset with another feature vocabulary "
-                            f"than {data.dataset_dir}. Fix: pretrain on this processed dataset (or finetune on "
-                            "the one it was pretrained on).")
+    if data is None:
+        return None
+    meta = read_json(pdir / "dataset_meta.json")
+    ours = [(f["name"], f["offset"], f["size"]) for f in data.meta["fields"]]
+    theirs = [(f["name"], f["offset"], f["size"]) for f in meta["fields"]]
+    if ours == theirs and int(meta["vocab_size"]) == data.vocab_size:
+        return None
+    if not (pdir / "vocab.parquet").exists() or not (Path(data.dataset_dir) / "vocab.parquet").exists():
+        raise FlipError(f"the pretraining run {pdir} was made on a dataset with another feature vocabulary "
+                        f"than {data.dataset_dir}. Fix: pretrain on this processed dataset (or finetune on "
+                        "the one it was pretrained on).")
+    return vocabulary_map(pdir, meta, Path(data.dataset_dir), data.meta)
 
 
-def load_pretrained_id_model(model: nn.Module, pdir: Path) -> list[str]:
+def vocabulary_map(pdir: Path, old_meta: dict[str, Any], data_dir: Path, new_meta: dict[str, Any]) -> torch.Tensor:
+    """(new vocab_size,) int64: for every feature id of the new dataset, the pretraining run's row of the
+    same value; values the run never saw take their field's OOV row (its "unseen value" embedding)."""
+    old_fields = {f["name"]: f for f in old_meta["fields"]}
+    missing = [f["name"] for f in new_meta["fields"] if f["name"] not in old_fields]
+    if missing:
+        raise FlipError(f"the pretraining run {pdir} has no field(s) {', '.join(missing)} of {data_dir}. Fix: "
+                        "pretrain on this dataset (retrain.pretrain: always).")
+    old = pq.read_table(pdir / "vocab.parquet").to_pydict()
+    old_id = {(f, v): i for f, v, i in zip(old["field"], old["value"], old["id"])}
+    new = pq.read_table(data_dir / "vocab.parquet").to_pydict()
+    index = torch.zeros(int(new_meta["vocab_size"]), dtype=torch.int64)
+    index[1] = 1  # [MASK]
+    for f in new_meta["fields"]:
+        index[f["oov_id"]] = old_fields[f["name"]]["oov_id"]
+    for f, v, i in zip(new["field"], new["value"], new["id"]):
+        index[i] = old_id.get((f, v), old_fields[f]["oov_id"])
+    return index
+
+
+def load_pretrained_id_model(model: nn.Module, pdir: Path, rows: torch.Tensor | None = None) -> list[str]:
     """Load the pretrained ID tower into ``model`` except its prediction layer (``fc``, first-order
-    term), which stays as initialised. Returns the keys left fresh."""
+    term), which stays as initialised. ``rows`` (from :func:`vocabulary_map`) picks, for each feature
+    id of the model, the run's row of every vocabulary-sized tensor. Returns the keys left fresh."""
     from safetensors.torch import load_file
 
     state = load_file(str(pdir / "id_model.safetensors"))
+    if rows is not None:
+        old_size = int(read_json(pdir / "dataset_meta.json")["vocab_size"])
+        state = {k: (v.index_select(0, rows) if v.dim() >= 1 and v.shape[0] == old_size else v)
+                 for k, v in state.items()}
     heads = tuple(f"{h}." for h in HEAD_MODULES)
     keep = {k: v for k, v in state.items() if not k.startswith(heads)}
     result = model.load_state_dict(keep, strict=False)
@@ -291,9 +323,9 @@ def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: 
     from flip.models import build_id_model
 
     pdir = pretrained_dir(pretrained, "flip_id")
-    _check_id_model(cfg, pdir, data)
+    rows = _check_id_model(cfg, pdir, data)
     model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
-    load_pretrained_id_model(model, pdir)
+    load_pretrained_id_model(model, pdir, rows)
     model = model.to(device)
     return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data, cfg.finetune.l2_embedding,
                        bf16=finetune_bf16(cfg, device), oov_dropout=cfg.finetune.oov_dropout)
@@ -326,9 +358,9 @@ def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Pat
     from flip.models import build_id_model
 
     pdir = pretrained_dir(pretrained, "flip")
-    _check_id_model(cfg, pdir, data)
+    rows = _check_id_model(cfg, pdir, data)
     id_model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
-    load_pretrained_id_model(id_model, pdir)
+    load_pretrained_id_model(id_model, pdir, rows)
     plm, tokenizer = _load_plm_from(str(pdir / "plm"), cfg)
     model = FlipModel(id_model, plm, cfg.finetune.alpha_init).to(device)
     plm_params = {id(p) for p in model.plm.parameters()}

@@ -18,14 +18,6 @@ sys.path.insert(0, str(ROOT / "tests" / "align"))
 os.environ.setdefault("FLIP_STAGE_RETRY_DELAY", "0")  # retries stay real, without the 20 s waits
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def test_flows_cover_every_dvc_stage_once():
     from pipeline import STAGE_GROUPS
 
@@ -75,30 +67,3 @@ def test_weekly_schedule_is_registered(prefect_server):
 
     stored = anyio.run(read)
     assert stored.name == "weekly-retrain" and stored.schedules[0].schedule.cron == "0 3 * * 1"
-
-
-def test_retrain_flow_runs_the_whole_pipeline(prefect_server, tmp_path):
-    """What the weekly schedule runs, end to end on synthetic data with a tiny language model: every
-    stage runs once, the artefact paths come back, and DVC then has nothing left to do."""
-    from pipeline import STAGE_GROUPS, retrain
-    from pipeline_repo import make_dvc_repo, tiny_profile
-    from tiny_plm import make_tiny_bert
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    run = make_dvc_repo(repo, tiny_profile(make_tiny_bert(tmp_path / "bert")))
-    state = retrain(project=str(repo), pull_new_data=True, return_state=True)
-    assert state.is_completed(), state
-    result = state.result()
-    outputs = result["outputs"]
-    assert list(outputs) == [s for stages in STAGE_GROUPS.values() for s in stages]
-    assert outputs["pretrain"] == ["models/pretrain"]
-    assert sorted(outputs["finetune"]) == ["models/finetune/flip", "models/finetune/flip_id",
-                                           "models/finetune/flip_plm"]
-    for paths in outputs.values():
-        for path in paths:
-            assert (repo / path).exists(), path
-    assert "reports/index.html" in outputs["report"]
-    summary = result["reports/eval.json"]
-    assert {f"{s}.test.auc" for s in ("scratch", "flip_id", "flip_plm", "flip")} <= set(summary), summary
-    assert "Running stage" not in run("dvc", "repro")  # the flow's runs are DVC's runs

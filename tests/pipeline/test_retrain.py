@@ -1,0 +1,136 @@
+"""Four weeks of scheduled retraining under prefect_test_harness, on weekly CSV click logs with a tiny
+language model: week 1 promotes, a rerun without new data runs nothing after the data check, an
+ordinary week 2 promotes a new version, a week 3 with shuffled labels is refused (the champion stays),
+and a drifted week 4 stops before training. The GTO registry then holds exactly those versions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import ROOT
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+sys.path.insert(0, str(ROOT / "flows"))
+sys.path.insert(0, str(ROOT / "tests" / "align"))
+os.environ.setdefault("FLIP_STAGE_RETRY_DELAY", "0")
+
+WEEK = 7 * 24 * 3600
+MOODS = ["dark", "funny", "romantic", "epic", "quiet", "scary"]
+ROWS = 2000
+
+
+def week_log(week: int, *, shuffle_labels: bool = False, drifted: bool = False, seed: int = 0) -> pd.DataFrame:
+    """One week of clicks: users have a favourite mood, items a genre; some genres are clicked more, and
+    a click is likelier when the genre is the user's mood."""
+    rng = np.random.default_rng(seed * 100 + week)
+    users = rng.integers(0, 300, ROWS)
+    items = rng.integers(0, 120, ROWS)
+    user_mood = np.array(MOODS)[np.arange(300) % 6]
+    item_mood = np.array(MOODS)[(np.arange(120) * 5) % 6]
+    genre_effect = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])[(np.arange(120) * 5) % 6]
+    p = 1 / (1 + np.exp(2.0 - 2.5 * (user_mood[users] == item_mood[items]) - genre_effect[items]))
+    label = (rng.random(ROWS) < p).astype(int)
+    if shuffle_labels:
+        label = rng.permutation(label)
+    ts = 1_700_000_000 + (week - 1) * WEEK + np.sort(rng.integers(0, WEEK, ROWS))
+    frame = pd.DataFrame({
+        "user": [f"u{u}" for u in users], "item": [f"i{i}" for i in items],
+        "gender": np.where(users % 2 == 0, "female", "male"), "age": np.array(["18-24", "25-34", "35-44"])[users % 3],
+        "city": np.array(["paris", "oslo", "lima", "kyoto"])[users % 4], "mood": user_mood[users],
+        "genre": item_mood[items], "clicked": label, "ts": ts})
+    if drifted:  # a new market: every attribute of the users changed
+        frame["gender"], frame["age"], frame["city"] = "unknown", "65+", "quito"
+    return frame
+
+
+def weekly_params(bert: Path):
+    from pipeline_repo import tiny_profile
+
+    tiny = tiny_profile(bert)
+
+    def update(p: dict) -> None:
+        tiny(p)
+        p["data"]["dataset"] = "csv"
+        p["data"]["csv"].update({
+            "files": ["incoming/*.csv"], "label": "clicked", "timestamp": "ts", "user": "user", "item": "item",
+            "fields": [{"column": c, "name": n} for c, n in (("user", "User ID"), ("item", "Item ID"),
+                                                              ("gender", "Gender"), ("age", "Age"), ("city", "City"),
+                                                              ("mood", "Favourite mood"), ("genre", "Genre"))]})
+        p["finetune"].update({"epochs": 5, "batch_size": 128, "lr": 1e-2, "lr_grid": [1e-2]})
+        p["run"]["seeds"] = [2012, 2013]
+        p["retrain"].update({"artifacts": ["flip_id"], "drift_policy": "stop", "min_auc": 0.6, "target_drift": 0.12,
+                             "max_auc_drop": 0.05, "max_logloss_rise": 0.05})
+    return update
+
+
+def test_four_weeks_of_retraining(prefect_server, tmp_path):
+    from pipeline import STAGE_GROUPS, retrain
+    from pipeline_repo import make_dvc_repo
+    from tiny_plm import make_tiny_bert
+
+    from flip.deploy.registry import in_stage
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run = make_dvc_repo(repo, weekly_params(make_tiny_bert(tmp_path / "bert")))
+    (repo / "incoming").mkdir()
+    (repo / ".gitignore").write_text("/incoming/\n")
+
+    def week(n: int, **kw):
+        week_log(n, **kw).to_csv(repo / "incoming" / f"week-{n:02d}.csv", index=False)
+        state = retrain(project=str(repo), pull_new_data=True, return_state=True)
+        return state, state.result(raise_on_failure=False)
+
+    # week 1: no champion yet, the model is promoted
+    state, result = week(1)
+    assert state.is_completed(), state.message
+    assert result["status"] == "Promoted" and result["promoted"]["flip_id"]["version"] == "v0.0.1"
+    assert result["gates"]["flip_id"]["champion"] is None and result["gates"]["flip_id"]["challenger"]["auc"] > 0.6
+    assert not result["drift"]["drift"]
+    assert list(result["outputs"]) == [s for stages in STAGE_GROUPS.values() for s in stages]  # every stage ran
+    for paths in result["outputs"].values():
+        assert all((repo / p).exists() for p in paths), paths
+    assert result["reports/eval.json"]["flip_id.test.auc"] > 0.5
+    assert "Running stage" not in run("dvc", "repro")  # the flow's runs are DVC's runs
+
+    # the same week again: no new data, nothing runs after the data check, the champion stays
+    state = retrain(project=str(repo), pull_new_data=True, return_state=True)
+    result = state.result(raise_on_failure=False)
+    assert state.is_completed() and result["status"] == "NoNewData", result["message"]
+    assert result["stages_run"] == []
+
+    # week 2, an ordinary week: trained on weeks 1-2, compared with v0.0.1 on the newest window, promoted
+    state, result = week(2)
+    assert state.is_completed(), state.message
+    gate = result["gates"]["flip_id"]
+    assert gate["champion"]["version"] == "v0.0.1" and gate["delta"]["ci_low"] <= gate["delta"]["auc"] <= gate["delta"]["ci_high"]
+    assert result["promoted"]["flip_id"]["version"] == "v0.0.2"
+    assert {"preprocess", "full_flip_id", "package@flip_id"} <= set(result["stages_run"])
+
+    # week 3 arrives with shuffled labels (a broken job upstream): refused, the champion stays
+    state, result = week(3, shuffle_labels=True)
+    assert state.is_failed() and state.name == "NotPromoted", state
+    assert not result["gates"]["flip_id"]["promote"] and "below the floor" in result["gates"]["flip_id"]["reasons"][0]
+    assert result["promoted"] == {} and "champion stays" in state.message
+
+    # week 4: a drifted market; retrain.drift_policy=stop ends the run before anything trains
+    state, result = week(4, drifted=True)
+    assert state.is_failed() and state.name == "DriftStopped", state
+    assert result["drift"]["drift"] and set(result["drift"]["drifted_attributes"]) >= {"gender", "age", "city"}
+    assert not set(result["stages_run"]) & {"pretrain", "full_flip_id", "package@flip_id", "evaluate"}
+
+    # the registry: two versions, prod on the second; the prod model scores new rows
+    assert in_stage(repo, "flip_id", "prod")["version"] == "v0.0.2"
+    tags = run("git", "tag").split()
+    assert sorted(t for t in tags if "@" in t) == ["flip_id@v0.0.1", "flip_id@v0.0.2"]
+    shown = run(str(Path(sys.executable).parent / "gto"), "show", "flip_id")
+    assert "v0.0.2" in shown and "prod" in shown
+    out = run(str(Path(sys.executable).parent / "flip"), "predict", "--model", "flip_id@prod", "--input",
+              "incoming/week-02.csv", "--out", "scores.parquet", "--quiet")
+    assert "scored 2,000 rows" in out and (repo / "scores.parquet").exists()
