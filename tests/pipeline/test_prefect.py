@@ -67,3 +67,23 @@ def test_weekly_schedule_is_registered(prefect_server):
 
     stored = anyio.run(read)
     assert stored.name == "weekly-retrain" and stored.schedules[0].schedule.cron == "0 3 * * 1"
+
+
+def test_failed_download_leaves_the_workspace_as_it_was(prefect_server, dvc_repo, tmp_path):
+    """A forced download from a mirror that lost a file fails, and the previous raw files are back."""
+    from helpers import write_ml1m
+    from pipeline import prepare_data
+
+    mirror = tmp_path / "mirror"
+    write_ml1m(mirror)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["data"].update({"dataset": "movielens-1m", "mirror": str(mirror)})
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_repo("dvc", "repro", "download")
+    raw = Path("data/raw/movielens-1m")
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    (mirror / "ml-1m" / "users.dat").unlink()
+    state = prepare_data(project=str(Path.cwd()), pull_new_data=True, return_state=True)
+    assert state.is_failed()
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+    assert "changed" not in dvc_repo("dvc", "status", "download")
