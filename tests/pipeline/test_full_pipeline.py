@@ -25,8 +25,9 @@ def test_dvc_repro_whole_pipeline_then_an_ablation(tmp_path):
     repo.mkdir()
     run = make_dvc_repo(repo, tiny_profile(bert))
     out = run("dvc", "repro")
-    stages = ["download", "preprocess", "validate", "pretrain", "scratch", "finetune@flip_id",
-              "finetune@flip_plm", "finetune@flip", "full_scratch", "full_flip_id", "evaluate", "analyze", "report"]
+    stages = ["download", "preprocess", "validate", "drift", "pretrain", "scratch", "finetune@flip_id",
+              "finetune@flip_plm", "finetune@flip", "full_scratch", "full_flip_id", "package@flip_id", "package@flip",
+              "evaluate", "analyze", "report"]
     for stage in stages:
         assert f"Running stage '{stage}'" in out, stage
     ev = json.loads((repo / "reports/eval.json").read_text())
@@ -49,5 +50,5 @@ def test_dvc_repro_whole_pipeline_then_an_ablation(tmp_path):
     run("git", "commit", "-qm", "baseline")
     exp = run("dvc", "exp", "run", "-S", "pretrain.mlm_weight=0")  # "w/o MLM"
     ran = {s for s in stages if f"Running stage '{s}'" in exp}
-    assert ran == {"pretrain", "finetune@flip_id", "finetune@flip_plm", "finetune@flip", "full_flip_id", "evaluate",
-                   "analyze", "report"}, ran
+    assert ran == {"pretrain", "finetune@flip_id", "finetune@flip_plm", "finetune@flip", "full_flip_id",
+                   "package@flip_id", "package@flip", "evaluate", "analyze", "report"}, ran
