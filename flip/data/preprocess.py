@@ -83,8 +83,12 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
 
     with tempfile.TemporaryDirectory(prefix=".preprocess-", dir=out_dir.parent) as work, atomic_dir(out_dir) as tmp:
         con = connect(Path(work), cfg)
-        log(f"[preprocess] reading {info.name} from {raw_dir}")
+        origin = "the files of data.csv.files" if cfg.data.dataset == "csv" else raw_dir
+        log(f"[preprocess] reading {info.name} from {origin}")
         source.load(con, Path(raw_dir), cfg)
+        if con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'files_read'").fetchone()[0]:
+            for path, rows in con.execute("SELECT path, rows FROM files_read").fetchall():
+                log(f"[preprocess] read {path} ({rows:,} rows)")
         values = ", ".join(f"v_{k}" for k in range(len(names)))
         con.execute(
             f"CREATE TABLE ordered AS SELECT label::TINYINT AS label, ts::BIGINT AS ts, {values} "

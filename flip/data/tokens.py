@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -213,12 +214,10 @@ def tokenize_texts(texts: list[str], char_start: np.ndarray, char_end: np.ndarra
     mask = np.zeros((n, max_length), dtype=np.uint8)
     fs = np.zeros((n, num_fields), dtype=np.int32)
     fe = np.zeros((n, num_fields), dtype=np.int32)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    from flip.progress import progress as bar_of
 
-        starts = tqdm(starts, desc=desc, unit="batch", total=(n + batch_size - 1) // batch_size)
-    for lo in starts:
+    bar = bar_of(n, desc, "row", enabled=progress)
+    for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         enc = tokenizer(
             texts[lo:hi],
@@ -239,17 +238,22 @@ def tokenize_texts(texts: list[str], char_start: np.ndarray, char_end: np.ndarra
         mask[lo:hi] = batch_mask
         if num_fields:
             fs[lo:hi], fe[lo:hi] = field_token_spans(offsets, special, char_start[lo:hi], char_end[lo:hi])
+        bar.update(hi - lo)
+    bar.close()
     return {"input_ids": ids, "attention_mask": mask, "field_tok_start": fs, "field_tok_end": fe}
 
 
 def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, max_length: int,
                    cache_dir: str | os.PathLike, *, batch_size: int = 2048, progress: bool = True,
-                   refresh: bool = False) -> TokenizedSplit:
+                   refresh: bool = False, rows: np.ndarray | None = None) -> TokenizedSplit:
     """Tokenized ``split`` of the processed dataset in ``dataset_dir``, from the cache when possible.
 
     ``max_length`` counts the special tokens ([CLS] ... [SEP]). The first call tokenizes (batched,
-    with a tqdm bar when ``progress``) and writes the cache; later calls with the same tokenizer,
+    with a progress bar when ``progress``) and writes the cache; later calls with the same tokenizer,
     ``max_length`` and split file load it without tokenizing. ``refresh=True`` re-tokenizes.
+    ``rows`` (positions in the split): only those rows, in that order, taken from the whole split's
+    cache when it exists, else tokenized and cached on their own (a profile that trains on the last
+    8,000 rows does not tokenize all the others first).
     """
     from safetensors.torch import load_file, save_file
 
@@ -260,14 +264,27 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
     if max_length < 3:
         raise ValueError(f"max_length={max_length} leaves no room for text")
     path = cache_path(dataset_dir, split, tokenizer, max_length, cache_dir)
+    whole: TokenizedSplit | None = None
     if path.exists() and not refresh:
         try:
-            tensors = load_file(str(path))
-            return _from_tensors(tensors, tokenizer.pad_token_id, path)
+            whole = _from_tensors(load_file(str(path)), tokenizer.pad_token_id, path)
         except Exception:  # unreadable / partial cache from another version: rebuild it
-            pass
+            whole = None
+    if whole is not None:
+        return whole if rows is None else whole.take(torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        digest = hashlib.sha256(rows.tobytes()).hexdigest()[:12]
+        path = path.with_name(f"{path.stem}-rows-{len(rows)}-{digest}{path.suffix}")
+        if path.exists() and not refresh:
+            try:
+                return _from_tensors(load_file(str(path)), tokenizer.pad_token_id, path)
+            except Exception:
+                pass
 
     table = pq.read_table(split_file, columns=["text", "span_start", "span_end"])
+    if rows is not None:
+        table = table.take(pa.array(rows))
     n = table.num_rows
     texts = table.column("text").to_pylist()
     char_start = _list_column(table, "span_start", n)
@@ -281,6 +298,7 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
         "max_length": str(max_length),
         "split_file": str(split_file.resolve()),
         "rows": str(n),
+        **({"positions": f"{len(rows)} rows (sha256 {digest})"} if rows is not None else {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:

@@ -191,10 +191,13 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, full
 
     result: dict[str, Any] = {"dataset": meta["dataset"], "counts": meta["counts"],
                               "user_field": meta.get("user_field"), "item_field": meta.get("item_field")}
+    print(f"[evaluate] {len(runs)} strategies ({', '.join(runs)}) + {len(full_runs)} full-data run(s); "
+          "Evidently drift reports ...", flush=True)
     with atomic_dir(out_dir / "evidently") as ev:
         result["data_drift"] = data_drift(frames["train"], frames["valid"], frames["test"], fields, ev,
                                           slices=slices, max_rows=drift_rows, seed=cfg.run.seeds[0])
         result["strategies"], plots = _score_group(runs, frames, keys, counts, ev, slices)
+    print(f"[evaluate] scored the equal-data runs ({time.time() - started:.0f}s)", flush=True)
     if full_runs:
         result["full_data"], _ = _score_group(full_runs, frames, keys, counts, None, slices)
     for kind, per in plots.items():

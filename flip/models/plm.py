@@ -122,6 +122,9 @@ class PlmEncoder(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write model + tokenizer in Hugging Face format: ``load_plm`` can load the directory."""
+        from flip.progress import quiet_transformers
+
+        quiet_transformers()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
@@ -144,6 +147,9 @@ def load_plm(cfg: Any) -> tuple[PlmEncoder, Any]:
     """``PlmConfig`` (or anything with ``.name``) -> ``(PlmEncoder, fast tokenizer)``, weights in fp32."""
     from transformers import AutoModel
 
+    from flip.progress import quiet_transformers
+
+    quiet_transformers()
     path = resolve_plm_name(cfg.name)
     tokenizer = load_tokenizer(cfg.name)
     # fp32 master weights whatever the checkpoint's dtype (transformers >= 5 defaults to dtype="auto");

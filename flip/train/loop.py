@@ -22,7 +22,10 @@ and :func:`fit` does everything else:
   again continues from it and ends with the same metrics as an uninterrupted run. A finished run
   (``metrics.json`` plus ``run.json`` whose fingerprint matches) is recognised and not re-run.
   The checkpoint is removed once the outputs are written.
-* **Logging.** A tqdm bar per epoch (samples/s, ETA; off with ``progress=False``), and
+* **Logging.** A bar per epoch (samples/s, ETA; on a terminal a tqdm bar, elsewhere one line per
+  10%: :mod:`flip.progress`; off with ``progress=False``) whose total is what will run (``max_steps``
+  included), one line per epoch (train loss, validation AUC/logloss, best epoch) and one for early
+  stopping or resuming, and
   ``OUT/log.jsonl``: one ``step`` record every ``log_every`` batches (mean loss since the last
   record, samples/s), one ``epoch`` record per epoch (train loss, validation metrics, throughput),
   plus ``start``/``resume``/``early_stop``/``test`` records. The loss is accumulated on the
@@ -59,11 +62,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from flip.evaluate.metrics import auc as auc_score
 from flip.evaluate.metrics import logloss as logloss_score
 from flip.io import atomic_dir, atomic_file, read_json, write_json
+from flip.progress import note, progress
 
 CHECKPOINT_VERSION = 1
 CRASH_ENV = "FLIP_CRASH_AFTER_STEPS"
@@ -136,6 +139,7 @@ class Task:
     scheduler: Any = None
     n_train: int
     eval_sets: dict[str, EvalSet]
+    slow_scoring: bool = False  # True: scoring a split says when it starts and ends (language models)
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Scalar training loss of the training rows ``idx`` (a LongTensor on the device)."""
@@ -314,8 +318,14 @@ def predict_probs(task: Task, split: str, eval_batch_size: int, device: torch.de
     return torch.sigmoid(logits.double()).cpu().numpy()
 
 
-def score(task: Task, split: str, eval_batch_size: int, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
+def score(task: Task, split: str, eval_batch_size: int, device: torch.device,
+          announce: bool = False) -> tuple[dict[str, float], np.ndarray]:
+    """AUC and logloss of ``split``; ``announce``: a start and a done line (for slow scorers)."""
+    n = len(task.eval_sets[split])
+    note(f"scoring {split} ({n:,} rows) ...", announce)
+    t0 = time.perf_counter()
     prob = predict_probs(task, split, eval_batch_size, device)
+    note(f"scored {split} in {time.perf_counter() - t0:.1f}s", announce)
     y = task.eval_sets[split].y.detach().cpu().numpy().astype(np.float64)
     return {"auc": auc_score(y, prob), "logloss": logloss_score(y, prob)}, prob
 
@@ -362,6 +372,7 @@ def fit(
     out = Path(out_dir)
     done = finished_metrics(out, fingerprint)
     if done is not None:
+        note(f"{out}: a finished run with the same settings and data is there; reusing it", settings.progress)
         return done
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(settings.device) if not isinstance(settings.device, torch.device) else settings.device
@@ -386,6 +397,7 @@ def fit(
         raise ValueError("no training rows")
     steps_per_epoch = math.ceil(n_train / bs)
     has_valid = "valid" in task.eval_sets
+    announce = settings.progress and task.slow_scoring  # scoring a language model takes minutes on a CPU
     accum = max(1, int(settings.grad_accum))
     generator = torch.Generator().manual_seed(seed)
 
@@ -418,6 +430,8 @@ def fit(
         _set_rng_state(ckpt["rng"])
         log = _Log(out / "log.jsonl", ckpt["log"])
         log("resume", epoch=epoch + 1, step=step, global_step=global_step)
+        note(f"resuming {out} from its checkpoint: epoch {epoch + 1}, step {step} of {steps_per_epoch} "
+             f"({global_step} optimizer steps done)", settings.progress)
     else:
         log = _Log(out / "log.jsonl")
         log("start", seed=seed, device=str(device), n_train=n_train, batch_size=bs,
@@ -465,11 +479,13 @@ def fit(
         if step == 0:
             epoch_loss.zero_()
             epoch_samples = 0
-        bar = tqdm(
-            total=n_train, initial=min(step * bs, n_train), unit="sample", unit_scale=True,
-            desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not settings.progress,
-            leave=False, dynamic_ncols=True, smoothing=0.1,
-        )
+        # the bar's total is what this epoch will really run: the rest of the epoch, or fewer
+        # samples when max_steps ends training inside it
+        epoch_end = steps_per_epoch
+        if settings.max_steps > 0:
+            epoch_end = min(steps_per_epoch, step + max(settings.max_steps - global_step, 0) * accum)
+        bar = progress(min(epoch_end * bs, n_train), f"epoch {epoch + 1}/{settings.epochs}", "sample",
+                       initial=min(step * bs, n_train), enabled=settings.progress)
         window_loss = torch.zeros((), dtype=torch.float64, device=device)
         window_samples, window_t = 0, time.perf_counter()
         t_epoch = time.perf_counter()
@@ -532,7 +548,7 @@ def fit(
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
                                   "samples_per_second": samples_here / max(t_steps, 1e-9)}
         if has_valid:
-            valid_metrics, valid_prob = score(task, "valid", settings.eval_batch_size, device)
+            valid_metrics, valid_prob = score(task, "valid", settings.eval_batch_size, device, announce)
             record["valid_auc"], record["valid_logloss"] = valid_metrics["auc"], valid_metrics["logloss"]
             improved = _improved(valid_metrics["auc"], best_metric)
         else:
@@ -547,6 +563,10 @@ def fit(
         record["best"] = best_epoch == epoch + 1
         history.append(record)
         log("epoch", **record, global_step=global_step)
+        valid_text = (f", valid AUC {record['valid_auc']:.4f} logloss {record['valid_logloss']:.4f}"
+                      + (" (best)" if record["best"] else f" (best: epoch {best_epoch})") if has_valid else "")
+        note(f"epoch {epoch + 1}/{settings.epochs}: train loss {train_loss:.4f}{valid_text}, "
+             f"{record['samples_per_second']:,.0f} samples/s", settings.progress)
         epoch += 1
         step = 0
         gen_state = generator.get_state()
@@ -555,6 +575,8 @@ def fit(
         elif has_valid and settings.patience > 0 and bad_epochs >= settings.patience:
             phase = "done"
             log("early_stop", epoch=epoch, best_epoch=best_epoch, best_valid_auc=best_metric)
+            note(f"early stop after epoch {epoch}: no better validation AUC for {settings.patience} epochs; "
+                 f"keeping epoch {best_epoch} (valid AUC {best_metric:.4f})", settings.progress)
         save_checkpoint()
 
     # ---- final: best weights, score once on test, write outputs
@@ -569,7 +591,7 @@ def fit(
         if split == "valid" and best_valid is not None:  # the best epoch's scores: same weights, no rescoring
             m, prob = best_valid
         else:
-            m, prob = score(task, split, settings.eval_batch_size, device)
+            m, prob = score(task, split, settings.eval_batch_size, device, announce)
         metrics[split] = m
         es = task.eval_sets[split]
         write_predictions(predictions_dir / f"{split}.parquet", es.row, es.y.detach().cpu().numpy(), prob)

@@ -99,6 +99,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -242,16 +243,18 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     d = Path(dataset_dir)
     meta = load_meta(d)
     tab = load_tabular(d, "train").head(cfg.pretrain.max_rows)
-    tokens = None
+    positions = np.arange(len(tab))
+    if 0 < cfg.pretrain.train_rows < len(tab):  # the most recent rows: those finetune.train_rows trains on
+        positions = positions[-cfg.pretrain.train_rows:]
+        tab = tab.tail(cfg.pretrain.train_rows)
+    tokens = None  # only the rows used are tokenized (rank 0 first; the other ranks read its cache)
     if ctx.is_main:
-        tokens = tokenize_split(d, "train", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir, progress=progress)
+        tokens = tokenize_split(d, "train", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir, progress=progress,
+                                rows=positions)
     ctx.barrier()
     if tokens is None:
-        tokens = tokenize_split(d, "train", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir, progress=False)
-    tokens = tokens.head(len(tab))
-    if 0 < cfg.pretrain.train_rows < len(tab):  # the most recent rows: those finetune.train_rows trains on
-        tokens = tokens.take(torch.arange(len(tab) - cfg.pretrain.train_rows, len(tab)))
-        tab = tab.tail(cfg.pretrain.train_rows)
+        tokens = tokenize_split(d, "train", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir, progress=False,
+                                rows=positions)
     if len(tokens) != len(tab):
         raise ValueError(f"{d}: {len(tokens)} tokenized rows for {len(tab)} training rows")
     counts = load_feature_counts(d, int(meta["vocab_size"]))

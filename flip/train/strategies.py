@@ -48,6 +48,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -192,13 +193,10 @@ def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.d
     """Tokenized train (its first ``len(data.train)`` rows)/valid/test on ``device``, from the cache."""
     out: dict[str, TokenizedSplit] = {}
     for split, tab in data.splits.items():
-        tokens = tokenize_split(data.dataset_dir, split, tokenizer, cfg.plm.max_length, cfg.plm.cache_dir,
-                                progress=cfg.run.progress)
         pos = data.positions.get(split)
-        if pos is not None:
-            tokens = tokens.take(torch.from_numpy(pos))
-        else:
-            tokens = tokens.head(len(tab))
+        rows = pos if pos is not None else np.arange(len(tab))  # only the rows used are tokenized
+        tokens = tokenize_split(data.dataset_dir, split, tokenizer, cfg.plm.max_length, cfg.plm.cache_dir,
+                                progress=cfg.run.progress, rows=rows)
         if len(tokens) != len(tab):
             raise ValueError(f"{data.dataset_dir}/{split}: {len(tokens)} tokenized rows for {len(tab)} rows")
         out[split] = tokens.to(device)
@@ -242,6 +240,8 @@ class FlipModel(nn.Module):
 
 # ----------------------------------------------------------------------------------------- tasks
 class _TextTaskBase(Task):
+    slow_scoring = True
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData,
                  tokens: dict[str, TokenizedSplit], device: torch.device, bf16: bool, eval_batch_size: int) -> None:
         self.model = model

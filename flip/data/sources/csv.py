@@ -113,6 +113,8 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
             read_delimited(con, path, table, columns, delim=c.delimiter, header=True, encoding=c.encoding,
                            quote='"', escape='"', fix="re-export the click log")
             header = True
+        con.execute("CREATE TABLE IF NOT EXISTS files_read (path VARCHAR, rows BIGINT)")
+        con.execute(f"INSERT INTO files_read SELECT {sql_str(str(path))}, count(*) FROM {table}")
         missing = [col for col in needed if col not in columns]
         if missing:
             raise DataError(
