@@ -36,7 +36,7 @@ lock:
 	/tmp/flip-lock-venv/bin/python -m pip install -q '.[dev]'
 	( echo "# The locked environment (make lock regenerates it from pyproject.toml; torch is installed on its own)."; \
 	  /tmp/flip-lock-venv/bin/python -m pip freeze --all --exclude-editable \
-	  | grep -v -i -E '^(flip-ctr|torch|triton|nvidia-[a-z0-9-]+)==' ) > requirements.lock
+	  | grep -v -i -E '^(flip-ctr|torch|triton|nvidia-[a-z0-9-]+)( @ |==)' ) > requirements.lock
 
 PROFILE ?= quick
 run: setup
