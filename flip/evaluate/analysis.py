@@ -37,10 +37,19 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
     plm, tokenizer = load_plm(cfg.plm)
     id_model = build_id_model(cfg.id_model, len(meta["fields"]), meta["vocab_size"])
     model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir, meta["vocab_size"]))
+    # a retrain that reused an older pretraining: its vocabulary-sized tensors mapped onto this dataset's
+    from flip.train.strategies import pretrained_rows, remap_rows
+
+    rows = pretrained_rows(pretrained, dataset_dir)
+
+    def state(path: Path) -> dict:
+        weights = load_file(str(path))
+        return weights if rows is None else remap_rows(weights, pretrained, rows)
+
     full = pretrained / "model.safetensors"
     if full.exists():
-        model.load_state_dict(load_file(str(full)), strict=False)
-    id_model.load_state_dict(load_file(str(pretrained / "id_model.safetensors")))
+        model.load_state_dict(state(full), strict=False)
+    id_model.load_state_dict(state(pretrained / "id_model.safetensors"))
     model.eval()
     return cfg, meta, model, tokenizer
 

@@ -114,16 +114,12 @@ def _check_id_model(cfg: Config, pdir: Path, data: CtrData | None = None) -> tor
                         "the same id_model settings as the pretraining run (e.g. -S id_model.KEY=VALUE).")
     if data is None:
         return None
-    meta = read_json(pdir / "dataset_meta.json")
-    ours = [(f["name"], f["offset"], f["size"]) for f in data.meta["fields"]]
-    theirs = [(f["name"], f["offset"], f["size"]) for f in meta["fields"]]
-    if ours == theirs and int(meta["vocab_size"]) == data.vocab_size:
-        return None
-    if not (pdir / "vocab.parquet").exists() or not (Path(data.dataset_dir) / "vocab.parquet").exists():
+    try:
+        return pretrained_rows(pdir, Path(data.dataset_dir))
+    except FileNotFoundError:  # a vocabulary file is missing: an older run or dataset
         raise FlipError(f"the pretraining run {pdir} was made on a dataset with another feature vocabulary "
                         f"than {data.dataset_dir}. Fix: pretrain on this processed dataset (or finetune on "
-                        "the one it was pretrained on).")
-    return vocabulary_map(pdir, meta, Path(data.dataset_dir), data.meta)
+                        "the one it was pretrained on).") from None
 
 
 def vocabulary_map(pdir: Path, old_meta: dict[str, Any], data_dir: Path, new_meta: dict[str, Any]) -> torch.Tensor:
@@ -146,6 +142,21 @@ def vocabulary_map(pdir: Path, old_meta: dict[str, Any], data_dir: Path, new_met
     return index
 
 
+def remap_rows(state: dict[str, torch.Tensor], pdir: Path, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every vocabulary-sized tensor of a pretraining run's ``state`` re-indexed by ``rows``
+    (:func:`vocabulary_map`): row i of the result is the run's row for this dataset's feature id i."""
+    old_size = int(read_json(pdir / "dataset_meta.json")["vocab_size"])
+    return {k: (v.index_select(0, rows) if v.dim() >= 1 and v.shape[0] == old_size else v) for k, v in state.items()}
+
+
+def pretrained_rows(pdir: Path, dataset_dir: Path) -> torch.Tensor | None:
+    """None when ``dataset_dir`` has the pretraining run's vocabulary, else :func:`vocabulary_map`."""
+    old, new = read_json(pdir / "dataset_meta.json"), read_json(Path(dataset_dir) / "meta.json")
+    same = [(f["name"], f["offset"], f["size"]) for f in old["fields"]] == \
+        [(f["name"], f["offset"], f["size"]) for f in new["fields"]] and old["vocab_size"] == new["vocab_size"]
+    return None if same else vocabulary_map(pdir, old, Path(dataset_dir), new)
+
+
 def load_pretrained_id_model(model: nn.Module, pdir: Path, rows: torch.Tensor | None = None) -> list[str]:
     """Load the pretrained ID tower into ``model`` except its prediction layer (``fc``, first-order
     term), which stays as initialised. ``rows`` (from :func:`vocabulary_map`) picks, for each feature
@@ -154,9 +165,7 @@ def load_pretrained_id_model(model: nn.Module, pdir: Path, rows: torch.Tensor | 
 
     state = load_file(str(pdir / "id_model.safetensors"))
     if rows is not None:
-        old_size = int(read_json(pdir / "dataset_meta.json")["vocab_size"])
-        state = {k: (v.index_select(0, rows) if v.dim() >= 1 and v.shape[0] == old_size else v)
-                 for k, v in state.items()}
+        state = remap_rows(state, pdir, rows)
     heads = tuple(f"{h}." for h in HEAD_MODULES)
     keep = {k: v for k, v in state.items() if not k.startswith(heads)}
     result = model.load_state_dict(keep, strict=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from helpers import ROOT
 
@@ -105,6 +106,11 @@ def test_four_weeks_of_retraining(prefect_server, tmp_path):
     assert state.is_completed() and result["status"] == "NoNewData", result["message"]
     assert result["stages_run"] == []
 
+    # from now on, retrains reuse week 1's pretraining (its ID embeddings mapped onto each new vocabulary)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["retrain"]["pretrain"] = "reuse"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
     # week 2, an ordinary week: trained on weeks 1-2, compared with v0.0.1 on the newest window, promoted
     state, result = week(2)
     assert state.is_completed(), state.message
@@ -112,6 +118,7 @@ def test_four_weeks_of_retraining(prefect_server, tmp_path):
     assert gate["champion"]["version"] == "v0.0.1" and gate["delta"]["ci_low"] <= gate["delta"]["auc"] <= gate["delta"]["ci_high"]
     assert result["promoted"]["flip_id"]["version"] == "v0.0.2"
     assert {"preprocess", "full_flip_id", "package@flip_id"} <= set(result["stages_run"])
+    assert "pretrain" not in result["stages_run"]  # reused: new users and items start from their OOV rows
 
     # week 3 arrives with shuffled labels (a broken job upstream): refused, the champion stays
     state, result = week(3, shuffle_labels=True)
