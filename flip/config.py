@@ -250,7 +250,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML. Fix: quote it, e.g. "
+                          f"-S '{key.strip()}=\"{raw}\"'") from None
     return key.strip().split("."), value
 
 
@@ -321,7 +325,17 @@ def load_config(path: str | os.PathLike | None = "params.yaml", overrides: list[
     tree: dict[str, Any] = {}
     if path is not None and Path(path).exists():
         with open(path, encoding="utf-8") as fh:
-            tree = yaml.safe_load(fh) or {}
+            try:
+                tree = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise ConfigError(f"{path}{where}: not valid YAML ({problem}). Fix: correct that line "
+                                  "(indent with spaces, 'key: value', quote values with ':' or '#')") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected sections like 'data:' and 'finetune:', found a "
+                              f"{type(tree).__name__}. Fix: see the project's params.yaml for the layout")
     elif path is not None and str(path) != "params.yaml":
         raise ConfigError(f"params file {path} does not exist")
     for text in overrides or []:

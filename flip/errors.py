@@ -37,3 +37,8 @@ class DataError(FlipError):
         if fix:
             text += f" Fix: {fix}"
         super().__init__(text)
+
+
+class SettingError(FlipError, ValueError):
+    """A setting whose value the code cannot use (an unknown strategy, model, optimizer, ...): one
+    paragraph naming the key, the valid values and the fix. Also a ValueError, for library callers."""

@@ -1,7 +1,9 @@
 """Atomic file and directory writes: a crash never leaves a half-written output.
 
 Write to a temporary sibling, then ``os.replace`` it into place (atomic on POSIX for files; for
-directories the old one is moved aside first and removed after the swap).
+directories the old one is moved aside first and removed after the swap). The result has the
+permissions a plain ``open``/``mkdir`` would give under the user's umask (``mkstemp`` and
+``mkdtemp`` create 0600 files and 0700 directories, which a team's shared workspace cannot read).
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``."""
@@ -26,6 +34,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists() and tmp_path.lstat().st_nlink == 1:  # (a hard link keeps its source's mode)
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -40,6 +50,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

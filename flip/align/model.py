@@ -49,6 +49,7 @@ from flip.align.masking import (
     maskable_tokens,
 )
 from flip.align.objectives import IclObjective, MlmObjective, MtmObjective
+from flip.errors import SettingError
 
 OBJECTIVES = ("mlm", "mtm", "icl")
 BATCH_KEYS = ("x", "input_ids", "attention_mask", "field_tok_start", "field_tok_end")
@@ -96,7 +97,7 @@ class FlipPretrainModel(nn.Module):
         super().__init__()
         weights = {name: float(getattr(cfg, f"{name}_weight")) for name in OBJECTIVES}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-            raise ValueError(f"pretraining loss weights must be >= 0 and not all 0, got {weights}")
+            raise SettingError(f"pretrain.mlm_weight, mtm_weight and icl_weight must be >= 0 and not all 0, got {weights}")
         self.cfg = cfg
         self.weights = weights
         self.id_model = id_model

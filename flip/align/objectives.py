@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flip.errors import SettingError
+
 IGNORE_INDEX = -100
 NOISE_FLOOR = 1e-10  # q(j) is clamped here (then renormalised): ids never seen in training
 
@@ -172,7 +174,7 @@ class NoiseSampler(nn.Module):
     def __init__(self, counts: torch.Tensor, field_ranges: list[tuple[int, int]], mode: str = "global") -> None:
         super().__init__()
         if mode not in ("global", "per_field"):
-            raise ValueError(f"nce_noise must be global or per_field, got {mode!r}")
+            raise SettingError(f"pretrain.nce_noise must be global or per_field, got {mode!r}")
         counts = torch.as_tensor(counts, dtype=torch.float64).clamp_min(0)
         V = counts.numel()
         self.mode = mode
@@ -236,9 +238,9 @@ class MtmObjective(nn.Module):
                  noise: str = "global", num_negatives: int = 25, hidden_dim: int = 128) -> None:
         super().__init__()
         if loss not in ("nce", "softmax"):
-            raise ValueError(f"mtm_loss must be nce or softmax, got {loss!r}")
+            raise SettingError(f"pretrain.mtm_loss must be nce or softmax, got {loss!r}")
         if loss == "nce" and num_negatives < 1:
-            raise ValueError("nce_negatives must be >= 1")
+            raise SettingError("pretrain.nce_negatives must be >= 1")
         counts = torch.as_tensor(counts, dtype=torch.float64)
         V = counts.numel()
         self.joint, self.loss_type, self.num_negatives = joint, loss, int(num_negatives)
@@ -341,7 +343,7 @@ def info_nce(z_text: torch.Tensor, z_tab: torch.Tensor, temperature: float, simi
     elif similarity == "dot":
         z_text, z_tab = z_text.float(), z_tab.float()
     else:
-        raise ValueError(f"similarity must be dot or cosine, got {similarity!r}")
+        raise SettingError(f"pretrain.similarity must be dot or cosine, got {similarity!r}")
     all_tab, offset = _gather_keep_local(z_tab) if gather else (z_tab, 0)
     all_text, _ = _gather_keep_local(z_text) if gather else (z_text, 0)
     labels = torch.arange(z_text.shape[0], device=z_text.device) + offset  # (B,)
@@ -385,9 +387,9 @@ class IclObjective(nn.Module):
                  similarity: str = "dot", head: str = "linear") -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError("temperature must be > 0")
+            raise SettingError("pretrain.temperature must be > 0")
         if similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity must be dot or cosine, got {similarity!r}")
+            raise SettingError(f"pretrain.similarity must be dot or cosine, got {similarity!r}")
         if head == "linear":
             self.text_proj: nn.Module = nn.Linear(text_dim, projection_dim)
             self.tab_proj: nn.Module = nn.Linear(tab_dim, projection_dim)
@@ -395,7 +397,7 @@ class IclObjective(nn.Module):
             self.text_proj = ClipProjection(text_dim, projection_dim)
             self.tab_proj = ClipProjection(tab_dim, projection_dim)
         else:
-            raise ValueError(f"ICL head must be linear or clip, got {head!r}")
+            raise SettingError(f"pretrain.icl_head must be linear or clip, got {head!r}")
         self.temperature, self.similarity = float(temperature), similarity
 
     def forward(self, cls: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -24,7 +24,13 @@ SPLITS = ("train", "valid", "test")
 
 
 def load_meta(dataset_dir: str | Path) -> dict[str, Any]:
-    with open(Path(dataset_dir) / "meta.json", encoding="utf-8") as fh:
+    path = Path(dataset_dir) / "meta.json"
+    if not path.exists():
+        from flip.errors import FlipError
+
+        raise FlipError(f"{dataset_dir} is not a processed dataset (no meta.json). Fix: run `flip preprocess` "
+                        "(or `dvc repro preprocess`) first, or pass the folder it wrote with --data")
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 

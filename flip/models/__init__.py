@@ -33,17 +33,23 @@ MODELS: dict[str, type[IdModel]] = {
 }
 
 
+def check_model_name(name: str) -> None:
+    """Raise a one-paragraph error for an unknown ``id_model.name``."""
+    if name not in MODELS:
+        from flip.errors import SettingError
+
+        raise SettingError(f"unknown id_model.name {name!r}; valid names: {', '.join(MODELS)}. "
+                           f"Fix: set id_model.name in params.yaml (or -S id_model.name=dcnv2)")
+
+
 def build_id_model(cfg, num_fields: int, vocab_size: int) -> IdModel:
     """Build the model named ``cfg.name`` from an ``IdModelConfig``.
 
     ``num_fields`` = ``len(meta["fields"])``, ``vocab_size`` = ``meta["vocab_size"]`` (global ids,
     0 = padding, 1 = ``[MASK]``). Unknown names raise ``ValueError`` listing the valid ones.
     """
-    try:
-        cls = MODELS[cfg.name]
-    except KeyError:
-        raise ValueError(f"unknown id_model.name {cfg.name!r}; valid names: {', '.join(MODELS)}") from None
-    return cls.from_config(cfg, num_fields, vocab_size)
+    check_model_name(cfg.name)
+    return MODELS[cfg.name].from_config(cfg, num_fields, vocab_size)
 
 
 __all__ = ["MODELS", "IdModel", "build_id_model", *(cls.__name__ for cls in MODELS.values())]

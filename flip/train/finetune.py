@@ -64,6 +64,7 @@ from torch import nn
 
 from flip.config import Config, FinetuneConfig
 from flip.data.tensors import TabularSplit, load_meta, load_tabular
+from flip.errors import SettingError
 from flip.io import write_json
 from flip.train.loop import (
     EvalSet,
@@ -188,7 +189,8 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], fc
         return torch.optim.Adam(params, **kwargs)
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    raise ValueError(f"finetune.optimizer={fcfg.optimizer!r} is not supported; use adam or adamw")
+    raise SettingError(f"finetune.optimizer={fcfg.optimizer!r} is not supported; use adam or adamw. "
+                       "Fix: set finetune.optimizer in params.yaml")
 
 
 # ----------------------------------------------------------------------------------------- task
@@ -205,7 +207,7 @@ class TabularTask(Task):
         self.bf16 = bool(bf16)
         self.device = data.train.x.device
         if not 0.0 <= oov_dropout < 1.0:
-            raise ValueError(f"finetune.oov_dropout={oov_dropout} must be in [0, 1)")
+            raise SettingError(f"finetune.oov_dropout={oov_dropout} must be in [0, 1)")
         self.oov_dropout = float(oov_dropout)
         # (F,) each field's out-of-vocabulary id (the row every value unseen in training maps to)
         self.oov_ids = torch.tensor([f["oov_id"] for f in data.meta["fields"]], dtype=data.train.x.dtype,
@@ -288,11 +290,12 @@ def get_strategy(name: str) -> Strategy:
         return _STRATEGIES[name]
     valid = ", ".join(available_strategies())
     if name in PLANNED_STRATEGIES:
-        raise ValueError(
+        raise SettingError(
             f"finetune.strategy={name!r} is not available yet (it needs a pretrained FLIP checkpoint "
             f"and/or a language model and has not been registered); available strategies: {valid}"
         )
-    raise ValueError(f"unknown finetune.strategy={name!r}; valid strategies: {valid}")
+    raise SettingError(f"unknown finetune.strategy={name!r}; valid strategies: {valid}. "
+                       "Fix: set finetune.strategy in params.yaml (or -S finetune.strategy=scratch)")
 
 
 @register_strategy("scratch")
@@ -369,7 +372,10 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
 
     ``pretrained``: the pretraining run directory, for the strategies that start from it.
     """
-    strategy = get_strategy(cfg.finetune.strategy)  # fail before any work
+    strategy = get_strategy(cfg.finetune.strategy)  # fail before any work (and before any output)
+    from flip.models import check_model_name
+
+    check_model_name(cfg.id_model.name)
     if strategy.uses_plm and cfg.finetune.plm_seeds > 0:  # fewer seeds for the costly strategies
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seeds=cfg.run.seeds[:cfg.finetune.plm_seeds]))
     dataset_dir = Path(dataset_dir)

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flip.errors import SettingError
 from flip.evaluate.metrics import auc as auc_score
 from flip.evaluate.metrics import logloss as logloss_score
 from flip.io import atomic_dir, atomic_file, read_json, write_json
@@ -219,6 +220,10 @@ def config_fingerprint(config: dict[str, Any], seed: int, extra: dict[str, Any] 
 def dataset_fingerprint(dataset_dir: str | Path) -> dict[str, Any]:
     """Cheap identity of a processed dataset: sha256 of ``meta.json`` and the split file sizes."""
     d = Path(dataset_dir)
+    if not (d / "meta.json").exists():
+        from flip.data.tensors import load_meta
+
+        load_meta(d)  # the one-paragraph "not a processed dataset" error
     meta = hashlib.sha256((d / "meta.json").read_bytes()).hexdigest()
     sizes = {p.name: p.stat().st_size for p in sorted(d.glob("*.parquet"))}
     return {"meta_sha256": meta, "sizes": sizes}
@@ -699,7 +704,7 @@ def run_seeds(cfg: Any, out_dir: str | Path, run_one: Callable[[Any, Path], dict
     out = Path(out_dir)
     seeds = list(cfg.run.seeds) or [0]
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"run.seeds has duplicates: {seeds}")
+        raise SettingError(f"run.seeds has duplicates: {seeds}")
     if len(seeds) == 1:
         return run_one(cfg, out)
     # outputs of an earlier single-seed run here would pass for this run's: remove them

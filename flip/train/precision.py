@@ -15,6 +15,8 @@ import contextlib
 
 import torch
 
+from flip.errors import SettingError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -34,7 +36,7 @@ def use_bf16(precision: str, device: torch.device, key: str = "precision") -> bo
     the setting in the error for anything else."""
     p = (precision or "auto").lower()
     if p not in PRECISIONS:
-        raise ValueError(f"{key}={precision!r} must be auto, bf16 or fp32")
+        raise SettingError(f"{key}={precision!r} must be auto, bf16 or fp32")
     return p == "bf16" or (p == "auto" and native_bf16(device))
 
 

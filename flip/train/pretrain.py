@@ -736,6 +736,9 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
     from flip.models.plm import load_tokenizer
 
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
+    from flip.models import check_model_name
+
+    check_model_name(cfg.id_model.name)  # before any work or output
     set_threads(cfg.run.threads)
     ctx, device = init_distributed(cfg.run.device)
     try:

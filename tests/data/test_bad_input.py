@@ -140,3 +140,36 @@ def test_unknown_override_key_is_rejected(tmp_path):
     result = runner.invoke(app, ["preprocess", "-S", "preprocess.tset_fraction=0.2", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "unknown key(s) preprocess.tset_fraction" in result.output
+
+
+# ------------------------------------------------------------------ settings: one paragraph, exit 2, no output
+def _one_paragraph(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.startswith("error: ")
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+def test_unknown_strategy_and_model_are_one_paragraph_without_output(tmp_path):
+    out = tmp_path / "run"
+    msg = _one_paragraph(runner.invoke(app, ["finetune", "-S", "finetune.strategy=magic", "--data", str(tmp_path),
+                                             "--out", str(out)]))
+    assert "unknown finetune.strategy='magic'" in msg and "scratch" in msg and "Fix:" in msg
+    msg = _one_paragraph(runner.invoke(app, ["finetune", "-S", "id_model.name=dcnv9", "--data", str(tmp_path),
+                                             "--out", str(out)]))
+    assert "unknown id_model.name 'dcnv9'" in msg and "dcnv2" in msg and "Fix:" in msg
+    msg = _one_paragraph(runner.invoke(app, ["pretrain", "-S", "id_model.name=dcnv9", "--data", str(tmp_path),
+                                             "--out", str(out)]))
+    assert "dcnv9" in msg
+    msg = _one_paragraph(runner.invoke(app, ["finetune", "--data", str(tmp_path / "nowhere"), "--out", str(out)]))
+    assert "is not a processed dataset" in msg and "flip preprocess" in msg
+    assert not out.exists()
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  dataset: synthetic\nfinetune:\n  lr: [0.1\n  epochs: 2\n")
+    msg = _one_paragraph(runner.invoke(app, ["validate", "--params", str(params)]))
+    assert f"{params}, line" in msg and "column" in msg and "not valid YAML" in msg and "Fix:" in msg
+    msg = _one_paragraph(runner.invoke(app, ["validate", "-S", "finetune.lr=[1,"]))
+    assert "not valid YAML" in msg
