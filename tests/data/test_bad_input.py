@@ -173,3 +173,57 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     assert f"{params}, line" in msg and "column" in msg and "not valid YAML" in msg and "Fix:" in msg
     msg = _one_paragraph(runner.invoke(app, ["validate", "-S", "finetune.lr=[1,"]))
     assert "not valid YAML" in msg
+
+
+# ------------------------------------------------------------- the right diagnosis for a broken file
+def _zip(data: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("ratings.dat", data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case, file, mutate, fragments",
+    [
+        ("last line cut inside its last field", "ratings.dat", lambda b: b + b"1::2::4::97732",
+         ["ratings.dat", "row 61", "no line end", "cut off", "97732"]),
+        ("UTF-8 bytes in a latin-1 file", "movies.dat", lambda b: b.decode("latin-1").encode("utf-8"),
+         ["movies.dat", "declared latin-1 but its bytes are UTF-8", "Ã©"]),
+        ("UTF-16 without a byte-order mark", "users.dat", lambda b: b.decode("latin-1").encode("utf-16-le"),
+         ["users.dat", "NUL bytes", "UTF-16"]),
+        ("a zip archive under the plain name", "ratings.dat", _zip, ["ratings.dat", "zip archive", "unzip"]),
+        ("a bzip2 file under the plain name", "ratings.dat", lambda b: __import__("bz2").compress(b),
+         ["ratings.dat", "bzip2", "bunzip2"]),
+        ("another dataset's file", "ratings.dat",
+         lambda b: b'"User-ID";"Location";"Age"\n"1";"nyc, new york, usa";NULL\n',
+         ["ratings.dat", "looks like BX-Users.csv from BookCrossing"]),
+        ("another file of the same dataset", "ratings.dat", lambda b: b"1::F::1::10::48067\n",
+         ["ratings.dat", "looks like users.dat from MovieLens-1M"]),
+    ],
+)
+def test_broken_files_get_the_right_diagnosis(tmp_path, case, file, mutate, fragments):
+    raw = ml1m_with(tmp_path, file, mutate)
+    out = tmp_path / "processed" / "movielens-1m"
+    result = preprocess(raw, out)
+    assert_clean_failure(result, out, *fragments)
+    assert "separator" not in result.output  # not the misleading diagnosis
+
+
+@pytest.mark.parametrize("case, file, mutate", [
+    ("gzip under the plain name", "ratings.dat", lambda b: __import__("gzip").compress(b)),
+    ("UTF-16 with a byte-order mark", "users.dat", lambda b: b.decode("latin-1").encode("utf-16")),
+])
+def test_gzip_and_utf16_files_are_read_as_they_are(tmp_path, case, file, mutate):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    reference = preprocess(ml1m_with(plain, file, lambda b: b), plain / "out")
+    assert reference.exit_code == 0, reference.output
+    raw = ml1m_with(tmp_path, file, mutate)
+    result = preprocess(raw, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / "out" / f"{split}.parquet").read_bytes() == (plain / "out" / f"{split}.parquet").read_bytes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,94 @@ def clean_text(expr: str) -> str:
     return f"coalesce(nullif(trim(regexp_replace({expr}, '\\s+', ' ', 'g')), ''), 'unknown')"
 
 
+# Official files of the datasets, by their first line: a file of another dataset (or another file of the
+# same one) under an expected name is named as such.
+KNOWN_FILES = [
+    (re.compile(rb'^"?User-ID"?;"?Location"?;"?Age"?'), "BX-Users.csv from BookCrossing"),
+    (re.compile(rb'^"?ISBN"?;"?Book-Title"?'), "BX-Books.csv from BookCrossing"),
+    (re.compile(rb'^"?User-ID"?;"?ISBN"?;"?Book-Rating"?'), "BX-Book-Ratings.csv from BookCrossing"),
+    (re.compile(rb"^\d+::\d+::[1-5]::\d+$"), "ratings.dat from MovieLens-1M"),
+    (re.compile(rb"^\d+::[MF]::\d+::\d+::[^:]+$"), "users.dat from MovieLens-1M"),
+    (re.compile(rb"^\d+::[^:]+ \(\d{4}\)::[^:]+$"), "movies.dat from MovieLens-1M"),
+    (re.compile(rb'^\s*\{\s*"(user_id|book_id|isbn)"'), "a GoodReads JSON-lines file"),
+]
+ARCHIVES = [(b"PK\x03\x04", "a zip archive", "unzip it"), (b"BZh", "bzip2-compressed", "bunzip2 it"),
+            (b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -d it"),
+            (b"\xfd7zXZ\x00", "xz-compressed", "xz -d it"), (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it")]
+
+
+def _identify(first: bytes, path: Path) -> str | None:
+    """Which known official file ``first`` (a first line) belongs to, when it is not ``path``'s own."""
+    own = path.name[:-3] if path.name.endswith(".gz") else path.name
+    for pattern, what in KNOWN_FILES:
+        if pattern.search(first.strip()) and not what.startswith(own + " "):
+            return what
+    return None
+
+
+def sniff(path: Path, encoding: str, *, known_names: bool) -> tuple[bool, str]:
+    """Look at the bytes before parsing: (gzip-compressed?, encoding to read with).
+
+    Names the real problem where a separator error would mislead: archives (gzip is read as it is;
+    zip, bzip2, zstd, xz, 7z need unpacking first), UTF-16 (read through its byte-order mark), text
+    full of NUL bytes, UTF-8 text in a file declared latin-1 (it would turn "Misérables" into
+    "MisÃ©rables"), and, for the datasets' official file names, a file of another dataset."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    for magic, what, how in ARCHIVES:
+        if head.startswith(magic):
+            raise DataError(f"the file is {what}, not text", file=str(path),
+                            fix=f"{how} first and put the extracted file here under this name")
+    gz = head.startswith(b"\x1f\x8b")
+    if gz:
+        with gzip.open(path, "rb") as fh:
+            head = fh.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return gz, "utf-16"  # the byte-order mark says which: transcoded like any other encoding
+    if head.count(b"\x00") > len(head) // 10:
+        raise DataError("the file is full of NUL bytes: it looks like UTF-16 text without a byte-order mark, "
+                        "or a binary file", file=str(path), fix="re-save it as UTF-8 text (or latin-1)")
+    first = head.split(b"\n", 1)[0].rstrip(b"\r")
+    if known_names:
+        other = _identify(first, path)
+        if other:
+            raise DataError(f"this looks like {other}, not {path.name}", file=str(path), row=1,
+                            value=first[:80].decode("latin-1"),
+                            fix=f"put the right file under this name (the dataset's official {path.name})")
+    if encoding.lower().replace("_", "-") in ("latin-1", "latin1", "iso-8859-1", "cp1252"):
+        opener = gzip.open if gz else open
+        with opener(path, "rb") as fh:
+            data = fh.read(64 << 20)
+        if any(b >= 0x80 for b in data[:1 << 20]) or re.search(rb"[\xc2-\xf4][\x80-\xbf]", data):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is not None and any(ord(ch) > 0x7F for ch in text):
+                sample = next(w for w in re.findall(r"\S*[^\x00-\x7f]\S*", text))[:40]
+                raise DataError(
+                    f"the file is declared {encoding} but its bytes are UTF-8: read as {encoding}, "
+                    f"{sample!r} would become {sample.encode('utf-8').decode('latin-1')!r}", file=str(path),
+                    fix="use the official file (latin-1), or re-save this one as latin-1; for your own data "
+                        "set data.csv.encoding: utf-8")
+    return gz, encoding
+
+
+def final_line_complete(path: Path, gz: bool, encoding: str) -> tuple[int, bytes] | None:
+    """None when the file ends with a line end, else (number of its last line, that line)."""
+    opener = gzip.open if gz else open
+    if encoding.lower().startswith("utf-16"):  # two bytes per line end: look at the decoded text
+        with opener(path, "rb") as fh:
+            text = fh.read().decode(encoding)
+        return None if text.endswith("\n") else (text.count("\n") + 1, text.rsplit("\n", 1)[-1].encode())
+    last, count = b"", 0
+    with opener(path, "rb") as fh:
+        for line in fh:
+            count += 1
+            last = line
+    return None if last.endswith(b"\n") else (count, last)
+
+
 def read_delimited(
     con: "duckdb.DuckDBPyConnection",
     path: Path,
@@ -94,20 +183,36 @@ def read_delimited(
     quote: str = "",
     escape: str = "",
     fix: str = "",
+    complete_lines: bool = False,
 ) -> int:
     """Read a delimited file into ``table`` (all VARCHAR, plus ``_row``: 1-based data row number).
 
     Fails with a :class:`DataError` naming file, row and column for: a missing or empty file,
-    a file without the expected separator, rows with too few or too many columns, bytes that are
-    not valid in ``encoding``, and header lines repeated inside the data. Returns the row count.
+    an archive, UTF-16 or UTF-8 text where ``encoding`` says otherwise (:func:`sniff`; gzip and
+    UTF-16 are read as they are), a file without the expected separator, rows with too few or too
+    many columns, bytes that are not valid in ``encoding``, and header lines repeated inside the
+    data. ``complete_lines`` (the datasets' official files, which end with a line end): a file of
+    another dataset under this name, and a last line without its line end (a cut-off file) fail
+    too. Returns the row count.
     """
     if not path.exists():
         raise DataError("file is missing", file=str(path), fix=fix or "put the dataset's official files there")
     if path.stat().st_size == 0:
         raise DataError("file is empty", file=str(path), fix=fix or "re-download or re-export the file")
-    opener = gzip.open if path.suffix == ".gz" else open
+    gz, encoding = sniff(path, encoding, known_names=complete_lines)
+    opener = gzip.open if gz else open
+    if complete_lines:
+        cut = final_line_complete(path, gz, encoding)
+        if cut is not None:
+            raise DataError("the last line has no line end: the file looks cut off (an interrupted download "
+                            "or copy), and its last value may be truncated", file=str(path), row=cut[0],
+                            value=cut[1][:80].decode("latin-1"),
+                            fix="download or copy the file again (`flip download`)")
     with opener(path, "rb") as fh:
-        first = fh.readline().rstrip(b"\r\n")
+        if encoding.lower().startswith("utf-16"):
+            first = fh.read(8192).decode(encoding, errors="ignore").split("\n", 1)[0].rstrip("\r").encode()
+        else:
+            first = fh.readline().rstrip(b"\r\n")
     if not first.strip():
         raise DataError("first line is empty", file=str(path), row=1, fix="remove blank lines at the top")
     if delim.encode() not in first and len(columns) > 1:
@@ -123,7 +228,7 @@ def read_delimited(
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
         # DuckDB's own transcoding drops a malformed last record silently: transcode to UTF-8 first
         with tempfile.TemporaryDirectory(prefix="flip-utf8-") as tmp:
-            utf8 = Path(tmp) / (path.name[:-3] if path.suffix == ".gz" else path.name)
+            utf8 = Path(tmp) / (path.name[:-3] if path.name.endswith(".gz") else path.name)
             decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
             with opener(path, "rb") as src, open(utf8, "wb") as dst:
                 for chunk in iter(lambda: src.read(1 << 22), b""):
@@ -131,7 +236,7 @@ def read_delimited(
                 dst.write(decoder.decode(b"", final=True).encode("utf-8"))
             try:
                 return read_delimited(con, utf8, table, columns, delim=delim, header=header, quote=quote,
-                                      escape=escape, fix=fix)
+                                      escape=escape, fix=fix, complete_lines=False)
             except DataError as exc:  # name the user's file, not the transcoded copy
                 exc.args = (str(exc).replace(str(utf8), str(path)),)
                 exc.file = str(path)
@@ -144,6 +249,7 @@ def read_delimited(
         f"quote={sql_str(quote)}",
         f"escape={sql_str(escape)}",
         f"encoding={sql_str(encoding)}",
+        f"compression={sql_str('gzip' if gz else 'none')}",
         "store_rejects=true",
         f"rejects_table={sql_str(table + '_rejects')}",
         f"rejects_scan={sql_str(table + '_rejects_scan')}",

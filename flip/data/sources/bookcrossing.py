@@ -64,7 +64,7 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
     }
     for filename, (table, columns, escape) in specs.items():
         path = find_raw(raw, filename)
-        read_delimited(con, path, table, columns, delim=";", header=True, encoding="latin-1", quote='"',
+        read_delimited(con, path, table, columns, complete_lines=True, delim=";", header=True, encoding="latin-1", quote='"',
                        escape=escape, fix=f"put the official Book-Crossing {filename} in {raw}")
         schema = schemas[f"bookcrossing/{filename}"]
         validate_raw(con, table, path, schema, header=True)

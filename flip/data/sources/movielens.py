@@ -74,7 +74,7 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
     }
     for filename, (table, columns) in specs.items():
         path = raw / filename
-        read_delimited(con, path, table, columns, delim="::", header=False, encoding="latin-1",
+        read_delimited(con, path, table, columns, complete_lines=True, delim="::", header=False, encoding="latin-1",
                        fix=f"put the official MovieLens-1M {filename} in {raw}")
         validate_raw(con, table, path, schemas[f"movielens-1m/{filename}"], header=False)
     missing = con.execute(
