@@ -101,16 +101,6 @@ def raw_schemas() -> dict[str, "pa.DataFrameSchema"]:
     }
 
 
-def label_schema(positive_only: bool) -> "pa.DataFrameSchema":
-    """A user's own log: the label column holds 0/1 unless a label rule is configured."""
-    import pandera.pandas as pa
-
-    if positive_only:
-        check = pa.Check.isin([0, 1], error="labels must be 0 or 1 (or set data.csv.positive to a rule)")
-        return _raw({"label": pa.Column("int64", check)}, name="csv labels")
-    return _raw({"label": pa.Column("float64")}, name="csv labels")
-
-
 def validate_raw(
     con: "duckdb.DuckDBPyConnection",
     table: str,

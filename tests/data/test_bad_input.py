@@ -227,3 +227,20 @@ def test_gzip_and_utf16_files_are_read_as_they_are(tmp_path, case, file, mutate)
     assert result.exit_code == 0, result.output
     for split in ("train", "valid", "test"):
         assert (tmp_path / "out" / f"{split}.parquet").read_bytes() == (plain / "out" / f"{split}.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("labels, positive, fragments", [
+    (["1", "2", "0", "5", "yes"], "", ["3 row(s)", "'clicked'", "row 3: '2'", "row 5: '5'", "row 6: 'yes'",
+                                       "not 0 or 1 (text)", "export 'clicked' as 0/1"]),
+    (["1", "4", "0", "5", "1"], "", ["2 row(s)", "'clicked'", "not 0 or 1", "data.csv.positive"]),
+    (["1", "4", "n/a", "5", "1"], "value > 3", ["1 row(s)", "'clicked'", "not a number", "row 4: 'n/a'"]),
+])
+def test_own_data_label_errors_name_the_users_column_and_count_the_rows(tmp_path, labels, positive, fragments):
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item,clicked\n" + "".join(f"u{i},i{i},{v}\n" for i, v in enumerate(labels)))
+    out = tmp_path / "processed" / "csv"
+    result = preprocess(tmp_path, out, "data.dataset=csv", f"data.csv.files=[{log}]", "data.csv.label=clicked",
+                        f"data.csv.positive={positive}",
+                        "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}]")
+    assert_clean_failure(result, out, "clicks.csv", *fragments)
+    assert "'label'" not in result.output

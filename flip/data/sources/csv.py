@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flip.data.download import file_digest
-from flip.data.schemas import label_schema, validate_raw
 from flip.data.sources.base import Field, SourceInfo, clean_text, read_delimited, sql_str
 from flip.errors import DataError, FlipError
 
@@ -94,6 +93,32 @@ def _header(path: Path, c: "CsvSource") -> list[str]:
     return [h.strip() for h in next(pycsv.reader(io.StringIO(line), delimiter=c.delimiter))]
 
 
+def _check_labels(con: "duckdb.DuckDBPyConnection", table: str, path: Path, c: "CsvSource", header: bool) -> None:
+    """Every label is 0/1 (no rule) or a number (a ``positive:`` rule applies to it): else one paragraph with
+    the user's column name, the number of bad rows and the first few."""
+    col = f'trim("{c.label}"::VARCHAR)'
+    bad_sql = (f"{col} IS NULL OR {col} NOT IN ('0', '1')" if not c.positive
+               else f"TRY_CAST({col} AS DOUBLE) IS NULL")
+    total = con.execute(f"SELECT count(*) FROM {table} WHERE {bad_sql}").fetchone()[0]
+    if not total:
+        return
+    first = con.execute(f'SELECT _row, "{c.label}" FROM {table} WHERE {bad_sql} ORDER BY _row LIMIT 3').fetchall()
+    shown = ", ".join(f"row {r + int(header)}: {v!r}" for r, v in first)
+    numeric = all(v is not None and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", str(v)) for _, v in first)
+    if c.positive:
+        problem, fix = "not a number, so the rule data.csv.positive cannot apply", "repair or drop those rows"
+    elif numeric:
+        problem = "not 0 or 1"
+        fix = (f"if {c.label!r} is a score (a rating, a dwell time), set a rule: data.csv.positive: \"value > 3\" "
+               "(and optionally data.csv.drop: \"value = 3\"); else repair those rows")
+    else:
+        problem = "not 0 or 1 (text)"
+        fix = (f"export {c.label!r} as 0/1 (e.g. yes -> 1, no -> 0); a rule (data.csv.positive) applies to "
+               "numbers only")
+    raise DataError(f"{total:,} row(s) have a label that is {problem} ({shown})", file=str(path),
+                    row=int(first[0][0]) + int(header), column=c.label, value=first[0][1], fix=fix)
+
+
 def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
     c = cfg.data.csv
     needed = [f.column for f in c.fields] + [c.label] + [x for x in (c.timestamp, c.user, c.item) if x]
@@ -122,8 +147,7 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
                 file=str(path), row=1, column=missing[0],
                 fix="rename the columns in the file or fix data.csv in params.yaml",
             )
-        con.execute(f'CREATE OR REPLACE TABLE {table}_lab AS SELECT _row, "{c.label}"::VARCHAR AS label FROM {table}')
-        validate_raw(con, f"{table}_lab", path, label_schema(positive_only=not c.positive), header=header)
+        _check_labels(con, table, path, c, header)
         if c.timestamp:
             ts = (f'coalesce(TRY_CAST("{c.timestamp}" AS BIGINT), '
                   f'epoch(TRY_CAST("{c.timestamp}"::VARCHAR AS TIMESTAMP))::BIGINT)')
