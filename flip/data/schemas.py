@@ -47,16 +47,18 @@ def raw_schemas() -> dict[str, "pa.DataFrameSchema"]:
     return {
         "movielens-1m/ratings.dat": _raw(
             {
-                "user_id": ints(1),
-                "movie_id": ints(1),
+                "user_id": ints(1, 6040, "MovieLens-1M user ids are 1..6040"),
+                "movie_id": ints(1, 3952, "MovieLens-1M movie ids are 1..3952"),
                 "rating": ints(1, 5, "MovieLens ratings are integers 1..5"),
-                "timestamp": ints(0),
+                # the published period, 2000-04-25 .. 2003-02-28: a cut-off or corrupted time is caught here
+                "timestamp": ints(956_703_932, 1_046_454_590,
+                                  "MovieLens-1M timestamps lie in 2000-04-25 .. 2003-02-28 (956703932..1046454590)"),
             },
             name="ml-1m ratings",
         ),
         "movielens-1m/users.dat": _raw(
             {
-                "user_id": ints(1),
+                "user_id": ints(1, 6040, "MovieLens-1M user ids are 1..6040"),
                 "gender": pa.Column(str, pa.Check.isin(["M", "F"], error="gender is M or F")),
                 "age": pa.Column(
                     "int64", pa.Check.isin([1, 18, 25, 35, 45, 50, 56], error="age is one of the 7 ML-1M age codes")
@@ -68,7 +70,8 @@ def raw_schemas() -> dict[str, "pa.DataFrameSchema"]:
             name="ml-1m users",
         ),
         "movielens-1m/movies.dat": _raw(
-            {"movie_id": ints(1), "title": text, "genres": text}, unique=["movie_id"], name="ml-1m movies"
+            {"movie_id": ints(1, 3952, "MovieLens-1M movie ids are 1..3952"), "title": text, "genres": text},
+            unique=["movie_id"], name="ml-1m movies"
         ),
         "bookcrossing/BX-Book-Ratings.csv": _raw(
             {"user_id": ints(0), "isbn": text, "rating": ints(0, 10, "Book-Crossing ratings are 0..10")},
@@ -148,6 +151,9 @@ def _first_failure(exc: Any, df: Any, path: Path | str, header: bool) -> DataErr
     cases = cases.sort_values("index")
     first = cases.iloc[0]
     row, column, check, value = int(first["index"]), first["column"], str(first["check"]), first["failure_case"]
+    same = cases[(cases["column"] == column) & (cases["check"] == first["check"])]
+    count = f" ({same['index'].nunique():,} row(s) of the first {CHUNK_ROWS:,} fail this check)" \
+        if same["index"].nunique() > 1 else ""
     value = value.item() if hasattr(value, "item") else value
     if "unique" in check or "duplicate" in check.lower():  # name the second occurrence
         row = int(df.index[df.duplicated(subset=[column])][0])
@@ -159,14 +165,15 @@ def _first_failure(exc: Any, df: Any, path: Path | str, header: bool) -> DataErr
             problem = "a header line inside the data (this file has no header row)"
         else:
             problem = "expected a number"
-        return DataError(problem, file=str(path), row=line, column=column, value=value, fix="repair or delete that line")
+        return DataError(problem + count, file=str(path), row=line, column=column, value=value,
+                         fix="repair or delete that line")
     if "unique" in check or "duplicate" in check.lower():
         return DataError("duplicate key", file=str(path), row=line, column=column, value=value,
                          fix=f"{column} must be unique in this file; remove the duplicate line")
     if "not_nullable" in check or "null" in check.lower():
-        return DataError("missing value", file=str(path), row=line, column=column,
+        return DataError("missing value" + count, file=str(path), row=line, column=column,
                          fix="fill in the value or delete that line")
-    return DataError(f"value outside the rule: {check}", file=str(path), row=line, column=column, value=value,
+    return DataError(f"value outside the rule: {check}{count}", file=str(path), row=line, column=column, value=value,
                      fix="repair that line, or drop such rows before preprocessing")
 
 

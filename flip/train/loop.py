@@ -389,6 +389,7 @@ def fit(
         ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
         if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != fingerprint:
             ckpt = None  # made by another configuration: start over
+            note(f"{out}: its checkpoint was made with other settings or data: starting fresh", settings.progress)
     if ckpt is None:
         for name in ("metrics.json", "run.json"):  # a stale result must not pass for this run's
             (out / name).unlink(missing_ok=True)

@@ -67,8 +67,8 @@ def test_movielens_labels_split_and_vocab(tmp_path):
 
 def test_vocabulary_is_built_on_train_only(tmp_path):
     # user 5 only rates at the very end -> only in test -> its id is the user field's OOV id
-    ratings = [(1 + i % 4, 1 + i % 4, 5 if i % 2 else 1, 1000 + i) for i in range(90)]
-    ratings += [(5, 1, 5, 5000 + i) for i in range(10)]
+    ratings = [(1 + i % 4, 1 + i % 4, 5 if i % 2 else 1, 978_300_000 + i) for i in range(90)]
+    ratings += [(5, 1, 5, 978_305_000 + i) for i in range(10)]
     raw = write_ml1m(tmp_path / "mirror", ratings)
     meta, out = run(tmp_path, "movielens-1m", raw)
     user = next(f for f in meta["fields"] if f["name"] == "user_id")

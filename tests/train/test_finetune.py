@@ -301,3 +301,24 @@ def test_train_rows_and_eval_rows_apply_to_every_strategy(tiny_dataset, tmp_path
     rows = pq.read_table(tmp_path / "predictions" / "test.parquet").column("row").to_numpy()
     all_rows = pq.read_table(tiny_dataset / "test.parquet", columns=["row"]).column("row").to_numpy()
     assert len(rows) == 200 and rows[0] == all_rows[0] and rows[-1] == all_rows[-1]  # evenly spaced
+
+
+def test_resuming_and_discarding_a_checkpoint_are_said_on_the_terminal(tiny_dataset, tmp_path, make_config,
+                                                                         monkeypatch, capsys):
+    cfg = make_config(finetune={"epochs": 2}, run={"checkpoint_every": 5, "progress": True})
+    out = tmp_path / "run"
+    monkeypatch.setenv(CRASH_ENV, "7")
+    with pytest.raises(SimulatedCrash):
+        finetune(cfg, tiny_dataset, out)
+    monkeypatch.setenv(CRASH_ENV, "3")
+    capsys.readouterr()
+    with pytest.raises(SimulatedCrash):
+        finetune(cfg, tiny_dataset, out)
+    assert f"resuming {out} from its checkpoint: epoch 1, step 5 of 12" in capsys.readouterr().err
+    monkeypatch.delenv(CRASH_ENV)
+    changed = make_config(finetune={"epochs": 2, "lr": 1e-2}, run={"checkpoint_every": 5, "progress": True})
+    finetune(changed, tiny_dataset, out)
+    err = capsys.readouterr().err
+    assert "its checkpoint was made with other settings or data: starting fresh" in err
+    assert "from its checkpoint" not in err
+    assert "epoch 2/2: train loss" in err and "valid AUC" in err
