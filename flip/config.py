@@ -27,6 +27,7 @@ class CsvField:
 
     column: str  # column in the CSV/Parquet file
     name: str  # human-readable name used in the text ("Movie title")
+    missing: str = ""  # what an empty value does: unknown | drop | error ("" = data.csv.missing)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class CsvSource:
     item: str = ""  # column of the item id
     delimiter: str = ","
     encoding: str = "utf-8"
+    # an empty feature value: unknown (kept as the value "unknown"), drop (the row) or error (stop);
+    # empty user and item ids are always an error. Counted in meta.json and the validation summary.
+    missing: str = "unknown"
 
 
 @dataclass

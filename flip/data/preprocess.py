@@ -86,9 +86,17 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
         origin = "the files of data.csv.files" if cfg.data.dataset == "csv" else raw_dir
         log(f"[preprocess] reading {info.name} from {origin}")
         source.load(con, Path(raw_dir), cfg)
-        if con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'files_read'").fetchone()[0]:
+        tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if "files_read" in tables:
             for path, rows in con.execute("SELECT path, rows FROM files_read").fetchall():
                 log(f"[preprocess] read {path} ({rows:,} rows)")
+        missing: dict[str, dict[str, Any]] = {}
+        if "missing_values" in tables:
+            for column, policy, rows in con.execute(
+                    "SELECT field, any_value(policy), sum(rows) FROM missing_values GROUP BY 1 ORDER BY 1").fetchall():
+                missing[column] = {"rows": int(rows), "policy": policy}
+                log(f"[preprocess] {int(rows):,} empty value(s) in {column!r}: "
+                    + ("rows dropped" if policy == "drop" else "kept as 'unknown'"))
         values = ", ".join(f"v_{k}" for k in range(len(names)))
         con.execute(
             f"CREATE TABLE ordered AS SELECT label::TINYINT AS label, ts::BIGINT AS ts, {values} "
@@ -173,6 +181,7 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
             "vocabulary": "vocab.parquet",
             "text_template": "{title} is {value}.",
             "label_rule": info.label_rule,
+            "missing_values": missing,  # own data: empty values per column and what was done with them
             "split_rule": info.split_rule,
             "params": {"test_fraction": cfg.preprocess.test_fraction, "valid_divisor": cfg.preprocess.valid_divisor,
                        "min_count": cfg.preprocess.min_count},

@@ -118,9 +118,12 @@ def validate(cfg: Config, data_dir: Path, out_dir: Path) -> dict[str, Any]:
             "failures": failures,
             "data_docs": str(out_dir / "gx_docs" / "index.html"),
             "seconds": round(time.time() - started, 2),
+            "missing_values": meta.get("missing_values", {}),
             "summary": f"{meta['counts']['total']:,} samples, {len(meta['fields'])} fields, contract ok, "
                        f"{len(failures)} quality failure(s), "
-                       f"{len(warnings)} warning(s)",
+                       f"{len(warnings)} warning(s)"
+                       + "".join(f", {m['rows']:,} empty {col!r} ({'dropped' if m['policy'] == 'drop' else 'unknown'})"
+                                 for col, m in meta.get("missing_values", {}).items()),
         }
         if failures:  # keep the report for inspection beside the (unchanged) stage output, then fail
             failed = out_dir / "gx_docs-failed"

@@ -244,3 +244,38 @@ def test_own_data_label_errors_name_the_users_column_and_count_the_rows(tmp_path
                         "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}]")
     assert_clean_failure(result, out, "clicks.csv", *fragments)
     assert "'label'" not in result.output
+
+
+def _own(tmp_path: Path, body: str, *overrides: str):
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item,genre,clicked\n" + body)
+    out = tmp_path / "processed" / "csv"
+    fields = "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}, {column: genre, name: Genre}]"
+    return preprocess(tmp_path, out, "data.dataset=csv", f"data.csv.files=[{log}]", "data.csv.label=clicked",
+                      "data.csv.user=user", "data.csv.item=item", fields, *overrides), out
+
+
+def test_empty_user_or_item_ids_are_always_an_error(tmp_path):
+    result, out = _own(tmp_path, "u1,i1,drama,1\n,i2,drama,0\nu3,i3,comedy,1\n ,i4,drama,0\n",
+                       "data.csv.missing=drop")
+    assert_clean_failure(result, out, "clicks.csv", "2 row(s) have an empty id (rows 3, 5)", "row 3", "'user'",
+                         "may never be empty")
+
+
+def test_missing_feature_values_follow_the_policy_and_are_counted(tmp_path):
+    body = "".join(f"u{i % 7},i{i % 5},{'' if i % 10 == 0 else 'drama'},{i % 2}\n" for i in range(60))
+    result, out = _own(tmp_path, body, "data.csv.missing=error")
+    assert_clean_failure(result, out, "clicks.csv", "6 row(s) have an empty value (rows 2, 12, 22)", "'genre'",
+                         "data.csv.missing")
+    for policy, rows in (("unknown", 60), ("drop", 54)):
+        target = tmp_path / policy
+        result = preprocess(tmp_path, target, "data.dataset=csv", f"data.csv.files=[{tmp_path / 'clicks.csv'}]",
+                            "data.csv.label=clicked", "data.csv.user=user", "data.csv.item=item",
+                            f"data.csv.missing={policy}",
+                            "data.csv.fields=[{column: user, name: User}, {column: item, name: Item}, "
+                            "{column: genre, name: Genre}]")
+        assert result.exit_code == 0, result.output
+        import json
+
+        meta = json.loads((target / "meta.json").read_text())
+        assert meta["counts"]["total"] == rows and meta["missing_values"] == {"genre": {"rows": 6, "policy": policy}}

@@ -93,6 +93,47 @@ def _header(path: Path, c: "CsvSource") -> list[str]:
     return [h.strip() for h in next(pycsv.reader(io.StringIO(line), delimiter=c.delimiter))]
 
 
+MISSING_POLICIES = ("unknown", "drop", "error")
+
+
+def _blank(column: str) -> str:
+    return f"""nullif(trim(regexp_replace("{column}"::VARCHAR, '\\s+', ' ', 'g')), '') IS NULL"""
+
+
+def _check_missing(con: "duckdb.DuckDBPyConnection", table: str, path: Path, c: "CsvSource", header: bool) -> list[str]:
+    """Empty values: user and item ids never (an error naming the rows); each field by its ``missing``
+    policy (``data.csv.missing`` by default). Counts go to the ``missing_values`` table (meta.json);
+    returns the SQL conditions that drop rows (policy ``drop``)."""
+    con.execute("CREATE TABLE IF NOT EXISTS missing_values (field VARCHAR, policy VARCHAR, rows BIGINT)")
+    policies: dict[str, str] = {}
+    for f in c.fields:
+        policy = f.missing or c.missing
+        if policy not in MISSING_POLICIES:
+            raise FlipError(f"data.csv missing policy {policy!r} for column {f.column!r} is not one of "
+                            f"{', '.join(MISSING_POLICIES)}. Fix: set data.csv.missing (or the field's missing:)")
+        policies[f.column] = policy
+    for column in dict.fromkeys(x for x in (c.user, c.item) if x):
+        policies[column] = "error"  # an interaction without its user or item means nothing
+    drop = []
+    for column, policy in policies.items():
+        n, first = con.execute(f"SELECT count(*), min(_row) FROM {table} WHERE {_blank(column)}").fetchone()
+        if not n:
+            continue
+        con.execute(f"INSERT INTO missing_values VALUES ({sql_str(column)}, {sql_str(policy)}, {int(n)})")
+        if policy == "error":
+            what = "id" if column in (c.user, c.item) else "value"
+            rows = [r for (r,) in con.execute(f"SELECT _row FROM {table} WHERE {_blank(column)} ORDER BY _row "
+                                              "LIMIT 3").fetchall()]
+            raise DataError(f"{n:,} row(s) have an empty {what} (rows {', '.join(str(r + int(header)) for r in rows)})",
+                            file=str(path), row=int(first) + int(header), column=column,
+                            fix="fill them in or remove those rows" + (
+                                "; user and item ids may never be empty" if what == "id" else
+                                f"; or set data.csv.missing (or this field's missing:) to unknown or drop"))
+        if policy == "drop":
+            drop.append(f"NOT ({_blank(column)})")
+    return drop
+
+
 def _check_labels(con: "duckdb.DuckDBPyConnection", table: str, path: Path, c: "CsvSource", header: bool) -> None:
     """Every label is 0/1 (no rule) or a number (a ``positive:`` rule applies to it): else one paragraph with
     the user's column name, the number of bad rows and the first few."""
@@ -159,10 +200,12 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
                                 fix="use epoch seconds or ISO 8601 (2024-05-01 12:00:00), or drop the row")
         else:
             ts = f"({i}::BIGINT << 40) + _row"
+        drop_missing = _check_missing(con, table, path, c, header)
         value = f'"{c.label}"::DOUBLE'
         label = f"CASE WHEN ({c.positive.replace('value', value)}) THEN 1 ELSE 0 END" if c.positive else \
             f'"{c.label}"::INT'
-        where = f"WHERE NOT ({c.drop.replace('value', value)})" if c.drop else ""
+        conditions = ([f"NOT ({c.drop.replace('value', value)})"] if c.drop else []) + drop_missing
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
         values = ", ".join(f'{clean_text(f"{chr(34)}{f.column}{chr(34)}::VARCHAR")} AS v_{k}'
                            for k, f in enumerate(c.fields))
         user = f'"{c.user}"::VARCHAR' if c.user else "''"
