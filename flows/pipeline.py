@@ -199,13 +199,18 @@ def retrain(project: str = ".", pull_new_data: bool = True):
     from prefect.artifacts import create_markdown_artifact
     from prefect.states import Completed, Failed
 
-    from flip.config import load_config
+    from flip.config import ConfigError, load_config
     from flip.deploy.registry import artifact_path, in_stage, lock_hash
+    from flip.errors import FlipError
 
     logger = get_run_logger()
     root = Path(project).resolve()
     project = str(root)
-    cfg = load_config(root / "params.yaml")
+    try:
+        cfg = load_config(root / "params.yaml")
+    except (ConfigError, FlipError) as exc:  # the same one paragraph as `flip <stage>` prints
+        logger.error("error: %s", exc)
+        return Failed(message=f"error: {exc}")
     rc = cfg.retrain
     before = _lock_stages(root)
     result: dict[str, Any] = {"outputs": {}, "drift": None, "gates": {}, "promoted": {}}

@@ -97,7 +97,17 @@ def download(cfg: Config, out: Path, *, progress: bool = True) -> dict[str, Any]
     source = get_source(cfg.data.dataset)
     info: SourceInfo = source.info(cfg)
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(cfg, source, info, out)
+    except BaseException:
+        if created:  # a failed first download leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _download(cfg: Config, source: Any, info: SourceInfo, out: Path) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     old = read_json(manifest_path) if manifest_path.exists() else {}
     manifest: dict[str, Any] = {"dataset": info.name, "files": {}, "archives": {}, "origin": ""}

@@ -25,12 +25,16 @@ from flip.io import atomic_dir, write_json
 PUBLISHED_TOTAL = {"movielens-1m": 739_012, "bookcrossing": 1_031_171, "goodreads": 20_122_040}
 
 
-def _suite(gx: Any, name: str, meta: dict[str, Any], cfg: Config, split: str) -> Any:
+def _suite(gx: Any, name: str, meta: dict[str, Any], cfg: Config, split: str,
+           time_band: tuple[int, int] | None = None) -> Any:
     import great_expectations.expectations as gxe
 
     fields = meta["fields"]
     lo, hi = cfg.validate.positive_rate_band
     exps = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+    if time_band is not None:  # a time far outside the log's own period (a cut-off line, a corrupted digit)
+        exps.append(gxe.ExpectColumnValuesToBeBetween(column="timestamp", min_value=time_band[0],
+                                                      max_value=time_band[1]))
     exps.append(gxe.ExpectColumnMeanToBeBetween(column="label", min_value=lo, max_value=hi))
     for f in fields:
         exps.append(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(
@@ -40,6 +44,19 @@ def _suite(gx: Any, name: str, meta: dict[str, Any], cfg: Config, split: str) ->
             column=f["name"], min_value=2 if split == "train" and f["size"] > 2 else 1, max_value=f["size"]))
     exps.append(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(column="text", min_value=1.0))
     return gx.ExpectationSuite(name=name, expectations=exps)
+
+
+def time_band(data_dir: Path, width: float = 5.0) -> tuple[int, int]:
+    """The plausible period of the log: its 1st..99th percentile of time, widened by ``width`` times that
+    span on each side. A 1970 timestamp among 2000-2003 ones lies far outside it."""
+    import duckdb
+
+    files = "[" + ", ".join(f"'{data_dir / s}.parquet'" for s in ("train", "valid", "test")) + "]"
+    with duckdb.connect() as con:
+        q1, q99 = con.sql(f"SELECT quantile_disc(timestamp, 0.01), quantile_disc(timestamp, 0.99) "
+                          f"FROM read_parquet({files})").fetchall()[0]
+    span = max(int(q99) - int(q1), 1)
+    return int(q1 - width * span), int(q99 + width * span)
 
 
 def _expected_counts_suite(gx: Any, name: str, expected: int) -> Any:
@@ -83,11 +100,12 @@ def validate(cfg: Config, data_dir: Path, out_dir: Path) -> dict[str, Any]:
         asset = ctx.data_sources.add_pandas("processed").add_dataframe_asset(meta["dataset"])
         quality: dict[str, Any] = {}
         failures: list[str] = []
-        columns = [f["name"] for f in meta["fields"]] + ["label", "text"]
+        columns = [f["name"] for f in meta["fields"]] + ["label", "text", "timestamp"]
+        band = time_band(data_dir)
         for split in ("train", "valid", "test"):
             df = pq.read_table(data_dir / f"{split}.parquet", columns=columns).to_pandas()
             batch = asset.add_batch_definition_whole_dataframe(split)
-            suites = [(ctx.suites.add(_suite(gx, f"{split}_quality", meta, cfg, split)), True)]
+            suites = [(ctx.suites.add(_suite(gx, f"{split}_quality", meta, cfg, split, band)), True)]
             if expected:  # published split sizes: a mismatch is a warning (partial copies are legitimate)
                 sizes = split_sizes(expected, cfg.preprocess.test_fraction, cfg.preprocess.valid_divisor)
                 suites.append((ctx.suites.add(_expected_counts_suite(gx, f"{split}_counts", sizes[split])), False))

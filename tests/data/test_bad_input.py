@@ -279,3 +279,13 @@ def test_missing_feature_values_follow_the_policy_and_are_counted(tmp_path):
 
         meta = json.loads((target / "meta.json").read_text())
         assert meta["counts"]["total"] == rows and meta["missing_values"] == {"genre": {"rows": 6, "policy": policy}}
+
+
+def test_a_failed_first_download_leaves_no_folder(tmp_path):
+    mirror = tmp_path / "mirror"
+    write_ml1m(mirror)
+    (mirror / "ml-1m" / "users.dat").unlink()
+    out = tmp_path / "raw" / "movielens-1m"
+    result = runner.invoke(app, ["download", "--out", str(out), "-q", "-S", "data.dataset=movielens-1m",
+                                 "-S", f"data.mirror={mirror}"])
+    assert_clean_failure(result, out, "users.dat", "mirror lacks users.dat")

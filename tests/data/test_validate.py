@@ -83,3 +83,16 @@ def test_great_expectations_quality_and_data_docs(processed, tmp_path):
         validate(bad, out, reports)
     assert (reports / "gx_docs-failed" / "index.html").exists()
     assert json.loads((reports / "validation.json").read_text())["success"]  # previous output untouched
+
+
+@pytest.mark.slow
+def test_a_time_far_outside_the_logs_period_fails_the_batch_check(processed, tmp_path):
+    """The first training row at 1970-01-02 (a line cut inside its timestamp) among 2020 ones."""
+    from flip.data.quality import validate
+
+    cfg, out = processed
+    ts = pq.read_table(out / "train.parquet").column("timestamp").to_pylist()
+    rewrite(out / "train.parquet", lambda t: t.set_column(
+        t.schema.get_field_index("timestamp"), "timestamp", pa.array([97732] + ts[1:], pa.int64())))
+    with pytest.raises(DataError, match="expect_column_values_to_be_between"):
+        validate(cfg, out, tmp_path / "reports")
