@@ -2,7 +2,8 @@
 
 ``progress(total, desc, unit)`` is a tqdm bar when stderr is a terminal, and otherwise (Prefect, CI,
 ``tee``, ``dvc repro`` under a pipe) a :class:`LineProgress` that writes one plain line at each
-10% of the total and one when it closes, instead of hundreds of carriage-return fragments. Both take
+10% of the total (at most one per 15 s; nothing for a bar that ends within seconds), instead of
+hundreds of carriage-return fragments. Both take
 ``update(n)``, ``set_postfix(**values)`` and ``close()``. ``note(text)`` writes one line to stderr
 (epoch summaries, start/done lines) when progress is on.
 """
@@ -29,13 +30,17 @@ def _duration(seconds: float) -> str:
 
 
 class LineProgress:
-    """One line per 10% of ``total`` (and one at the end): done/total, rate, elapsed, ETA, postfix."""
+    """One line per 10% of ``total``, at most one per ``min_interval`` seconds, and one at the end
+    when the whole took at least that long: done/total, rate, elapsed, ETA, postfix. A bar that ends
+    within seconds (a fast epoch, followed by its summary line) writes nothing."""
+
+    min_interval = 15.0
 
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, stream: Any = None) -> None:
         self.total, self.desc, self.unit = max(int(total), 0), desc, unit
         self.n = self.start_n = int(initial)
         self.stream = stream or sys.stderr
-        self.t0 = time.perf_counter()
+        self.t0 = self.last_line = time.perf_counter()
         self.postfix: dict[str, Any] = {}
         self.next_tenth = self._tenth(self.n) + 1
         self.closed = False
@@ -56,7 +61,10 @@ class LineProgress:
         self.n += int(n)
         if self.total and self._tenth(self.n) >= self.next_tenth and self.n < self.total:
             self.next_tenth = self._tenth(self.n) + 1
-            print(self._line(), file=self.stream, flush=True)
+            now = time.perf_counter()
+            if now - self.last_line >= self.min_interval:
+                self.last_line = now
+                print(self._line(), file=self.stream, flush=True)
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self.postfix = values
@@ -64,7 +72,8 @@ class LineProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            print(self._line(), file=self.stream, flush=True)
+            if time.perf_counter() - self.t0 >= self.min_interval:
+                print(self._line(), file=self.stream, flush=True)
 
 
 class _Off:
