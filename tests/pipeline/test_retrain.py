@@ -50,6 +50,21 @@ def week_log(week: int, *, shuffle_labels: bool = False, drifted: bool = False, 
     return frame
 
 
+def read_summaries() -> list[str]:
+    """Every version of the ``retrain-summary`` markdown artefact on the Prefect server."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"])))
+            return [a.data for a in found]
+
+    return anyio.run(read)
+
+
 def weekly_params(bert: Path):
     from pipeline_repo import tiny_profile
 
@@ -125,6 +140,8 @@ def test_four_weeks_of_retraining(prefect_server, tmp_path):
     assert state.is_failed() and state.name == "NotPromoted", state
     assert not result["gates"]["flip_id"]["promote"] and "below the floor" in result["gates"]["flip_id"]["reasons"][0]
     assert result["promoted"] == {} and "champion stays" in state.message
+    summaries = read_summaries()  # the run's markdown artefact, as the UI shows it
+    assert any("| flip_id | v0.0.2 |" in s and "| refused |" in s for s in summaries), summaries[-1:]
 
     # week 4: a drifted market; retrain.drift_policy=stop ends the run before anything trains
     state, result = week(4, drifted=True)
