@@ -160,8 +160,9 @@ def analyze(data: Data = None, params: Params = Path("params.yaml"), set_: Overr
                  rows=rows)
     f5 = result["fig5"]
     ranks = ", ".join(f"{name} rank {v['effective_rank']:.1f}" for name, v in result["fig6"].items())
-    typer.echo(f"Fig. 5: diagonal {f5['diagonal_mean']:.3f} vs off-diagonal {f5['off_diagonal_mean']:.3f}; "
-               f"Fig. 6 effective ranks: {ranks}")
+    fig5 = (f"Fig. 5 skipped ({f5['skipped']})" if "skipped" in f5 else
+            f"Fig. 5: diagonal {f5['diagonal_mean']:.3f} vs off-diagonal {f5['off_diagonal_mean']:.3f}")
+    typer.echo(f"{fig5}; Fig. 6 effective ranks: {ranks}")
 
 
 @app.command()

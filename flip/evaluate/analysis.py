@@ -20,6 +20,10 @@ from flip.errors import FlipError
 from flip.io import atomic_dir, write_json
 
 
+class NoIclHeads(FlipError):
+    """Fig. 5 reads the ICL projections, which a "w/o ICL" pretraining does not have."""
+
+
 def _load_pretrained(pretrained: Path, dataset_dir: Path):
     """Rebuild the pretraining module of a run directory and load its full weights."""
     import torch
@@ -72,7 +76,7 @@ def _field_similarity(cfg: Any, meta: dict[str, Any], model: Any, tokenizer: Any
     from flip.data.tokens import tokenize_split
 
     if model.icl is None:
-        raise FlipError("the pretraining run has no ICL heads (icl_weight = 0): Fig. 5 needs them")
+        raise NoIclHeads("the pretraining run has no ICL heads (pretrain.icl_weight = 0): Fig. 5 needs them")
     tab = load_tabular(dataset_dir, "test").head(rows)
     tokens = tokenize_split(dataset_dir, "test", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir).head(rows)
     batch = tokens.batch(torch.arange(len(tab)))
@@ -113,6 +117,19 @@ def embedding_svd(weights: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
             "effective_rank": float(np.exp(-(share * np.log(share + 1e-12)).sum()))}
 
 
+def _plot_fig5(plt: Any, sim: dict[str, Any], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    im = ax.imshow(np.array(sim["similarity"]), cmap="viridis")
+    ax.set_xticks(range(len(sim["fields"])), [f"Tab-{n}" for n in sim["fields"]], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_yticks(range(len(sim["fields"])), [f"Text-{n}" for n in sim["fields"]], fontsize=7)
+    ax.set_title("Fig. 5: similarity with one field masked per modality")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "fig5_field_similarity.png", dpi=110)
+    plt.close(fig)
+
+
 def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: dict[str, Path] | None = None,
             rows: int = 256) -> dict[str, Any]:
     import matplotlib
@@ -128,19 +145,18 @@ def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: d
         raise FlipError(f"{pretrained} holds no pretraining run: run `flip pretrain` first")
     meta = load_meta(dataset_dir)
     result: dict[str, Any] = {}
+    from flip.train.strategies import pretrained_rows
+
+    vocab_rows = pretrained_rows(pretrained, dataset_dir)  # a retrain that reused an older pretraining
     with atomic_dir(out_dir) as tmp:
-        sim = field_similarity(pretrained, dataset_dir, rows)
-        result["fig5"] = {k: v for k, v in sim.items()}
-        fig, ax = plt.subplots(figsize=(5.5, 4.8))
-        im = ax.imshow(np.array(sim["similarity"]), cmap="viridis")
-        ax.set_xticks(range(len(sim["fields"])), [f"Tab-{n}" for n in sim["fields"]], rotation=60, ha="right",
-                      fontsize=7)
-        ax.set_yticks(range(len(sim["fields"])), [f"Text-{n}" for n in sim["fields"]], fontsize=7)
-        ax.set_title("Fig. 5: similarity with one field masked per modality")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(tmp / "fig5_field_similarity.png", dpi=110)
-        plt.close(fig)
+        try:
+            sim = field_similarity(pretrained, dataset_dir, rows)
+        except NoIclHeads as exc:  # the "w/o ICL" ablation: Fig. 5 needs the ICL projections
+            sim = None
+            result["fig5"] = {"skipped": str(exc)}
+        if sim is not None:
+            result["fig5"] = {k: v for k, v in sim.items()}
+            _plot_fig5(plt, sim, tmp)
 
         runs = {"FLIP": pretrained / "id_model.safetensors", **{k: Path(v) for k, v in (extra_runs or {}).items()}}
         runs = {k: p for k, p in runs.items() if p.exists()}
@@ -148,6 +164,10 @@ def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: d
         result["fig6"] = {}
         for ax, (name, path) in zip(axes[0], runs.items()):
             state = load_file(str(path))
+            if name == "FLIP" and vocab_rows is not None:  # its rows for this dataset's feature ids
+                old = int(json.loads((pretrained / "dataset_meta.json").read_text())["vocab_size"])
+                state = {k: (v[vocab_rows.numpy()] if v.ndim >= 1 and v.shape[0] == old else v)
+                         for k, v in state.items()}
             key = next(k for k in state if k.endswith("embedding.weight") and state[k].ndim == 2
                        and state[k].shape[0] == meta["vocab_size"] and state[k].shape[1] > 1)
             svd = embedding_svd(state[key], meta)

@@ -224,3 +224,52 @@ def test_analysis_figures_from_the_pretraining_run(env, tmp_path):
     assert all(v["effective_rank"] >= 1.0 for v in result["fig6"].values())
     for name in ("fig5_field_similarity.png", "fig6_embedding_svd.png", "analysis.json"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_analysis_without_icl_heads_skips_fig5(env, tmp_path):
+    """The "w/o ICL" ablation (pretrain.icl_weight=0) must not fail the analyze stage."""
+    from flip.evaluate.analysis import analyze
+
+    data, bert, tokens, _ = env
+    pre = tmp_path / "pretrain-no-icl"
+    pretrain(make_cfg((data, bert, tokens, pre), pretrain={"epochs": 1, "batch_size": 64, "max_steps": 2,
+                                                           "icl_weight": 0.0}), data, pre)
+    result = analyze(data, pre, tmp_path / "analysis", rows=32)
+    assert "icl_weight = 0" in result["fig5"]["skipped"] and "FLIP" in result["fig6"]
+    assert (tmp_path / "analysis" / "fig6_embedding_svd.png").exists()
+
+
+def test_a_reused_pretraining_maps_its_embeddings_onto_a_newer_vocabulary(env, tmp_path):
+    """retrain.pretrain=reuse: newer data (other users and items) finetune from the old run; a value both
+    vocabularies know keeps its pretrained row, an unseen one starts from its field's OOV row."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from flip.data.preprocess import preprocess
+    from flip.evaluate.analysis import analyze
+    from flip.models import build_id_model
+    from flip.train.strategies import load_pretrained_id_model, pretrained_rows
+
+    _, bert, tokens, pre = env
+    newer = tmp_path / "processed" / "newer"
+    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 2600, "users": 700}}}),
+               tmp_path / "raw", newer, progress=False)
+    meta = json.loads((newer / "meta.json").read_text())
+    rows = pretrained_rows(pre, newer)
+    assert rows is not None and len(rows) == meta["vocab_size"]
+    model = build_id_model(make_cfg(env).id_model, len(meta["fields"]), meta["vocab_size"])
+    load_pretrained_id_model(model, pre, rows)
+    old = load_file(str(pre / "id_model.safetensors"))["embedding.weight"]
+    old_ids = {(r["field"], r["value"]): r["id"] for r in pq.read_table(pre / "vocab.parquet").to_pylist()}
+    new_ids = pq.read_table(newer / "vocab.parquet").to_pylist()
+    shared = next(r for r in new_ids if (r["field"], r["value"]) in old_ids and r["id"] != old_ids[(r["field"], r["value"])])
+    unseen = next(r for r in new_ids if (r["field"], r["value"]) not in old_ids)
+    emb = model.embedding.weight.detach()
+    assert torch.equal(emb[shared["id"]], old[old_ids[(shared["field"], shared["value"])]])
+    oov_old = {f["name"]: f["oov_id"] for f in json.loads((pre / "dataset_meta.json").read_text())["fields"]}
+    assert torch.equal(emb[unseen["id"]], old[oov_old[unseen["field"]]])
+    # the whole strategy runs, and so does the analysis of the old run on the newer data
+    m = finetune(make_cfg((newer, bert, tokens, pre), finetune={"strategy": "flip_id", "epochs": 1}), newer,
+                 tmp_path / "flip_id", pretrained=pre)
+    assert 0.0 <= m["test"]["auc"] <= 1.0
+    assert "FLIP" in analyze(newer, pre, tmp_path / "analysis", rows=32)["fig6"]
