@@ -100,14 +100,14 @@ def download(cfg: Config, out: Path, *, progress: bool = True) -> dict[str, Any]
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _download(cfg, source, info, out)
+        return _download(cfg, source, info, out, progress)
     except BaseException:
         if created:  # a failed first download leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _download(cfg: Config, source: Any, info: SourceInfo, out: Path) -> dict[str, Any]:
+def _download(cfg: Config, source: Any, info: SourceInfo, out: Path, progress: bool) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     old = read_json(manifest_path) if manifest_path.exists() else {}
     manifest: dict[str, Any] = {"dataset": info.name, "files": {}, "archives": {}, "origin": ""}

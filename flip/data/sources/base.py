@@ -166,7 +166,7 @@ def final_line_complete(path: Path, gz: bool, encoding: str) -> tuple[int, bytes
     opener = gzip.open if gz else open
     if encoding.lower().startswith("utf-16"):  # two bytes per line end: look at the decoded text
         with opener(path, "rb") as fh:
-            text = fh.read().decode(encoding)
+            text = fh.read().decode(encoding, errors="replace")  # (an odd byte count: cut in a character)
         return None if text.endswith("\n") else (text.count("\n") + 1, text.rsplit("\n", 1)[-1].encode())
     last, count = b"", 0
     with opener(path, "rb") as fh:
@@ -235,10 +235,19 @@ def read_delimited(
         with tempfile.TemporaryDirectory(prefix="flip-utf8-") as tmp:
             utf8 = Path(tmp) / (path.name[:-3] if path.name.endswith(".gz") else path.name)
             decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+            done, lines = 0, 1
             with opener(path, "rb") as src, open(utf8, "wb") as dst:
-                for chunk in iter(lambda: src.read(1 << 22), b""):
-                    dst.write(decoder.decode(chunk).encode("utf-8"))
-                dst.write(decoder.decode(b"", final=True).encode("utf-8"))
+                try:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        text = decoder.decode(chunk)
+                        dst.write(text.encode("utf-8"))
+                        done, lines = done + len(chunk), lines + text.count("\n")
+                    dst.write(decoder.decode(b"", final=True).encode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"bytes that are not valid {encoding} ({exc.reason}) after line {lines:,}, at "
+                                    f"byte {done + exc.start:,}: a file cut inside a character, or another encoding",
+                                    file=str(path),
+                                    fix=f"re-save the file as {encoding} (or UTF-8), or download it again") from None
             try:
                 return read_delimited(con, utf8, table, columns, delim=delim, header=header, quote=quote,
                                       escape=escape, fix=fix, complete_lines=False)
