@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from flip.deploy.registry import dvc_executable
 
 # dvc.yaml's stages, grouped by the flow that runs them (in this order). ``finetune`` is the
 # foreach group (finetune@flip_id, finetune@flip_plm, finetune@flip); tests check that every stage
@@ -32,12 +33,6 @@ STAGE_GROUPS: dict[str, list[str]] = {
     "finetune": ["scratch", "finetune", "full_scratch", "full_flip_id", "package"],
     "evaluate": ["evaluate", "analyze", "report"],
 }
-
-
-def _dvc() -> str:
-    """The dvc executable of this environment (a worker's PATH may not include the venv)."""
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
 
 
 def stage_outputs(project: Path, stage: str) -> list[str]:
@@ -88,12 +83,12 @@ def run_stage(project: str, stage: str, force: bool = False) -> list[str]:
     """``dvc repro --single-item <stage>``, its output streamed to the log; retried on failure
     (network, preemption). A failed stage leaves its previous outputs in place (``dvc checkout``)."""
     logger = get_run_logger()
-    cmd = [_dvc(), "repro", "--single-item", *(["--force"] if force else []), stage]
+    cmd = [dvc_executable(), "repro", "--single-item", *(["--force"] if force else []), stage]
     logger.info("%s $ %s", project, " ".join(cmd))
     code, lines = stream(cmd, project, logger)
     if code != 0:
         # DVC removes a stage's outputs before running it: put the last good ones back
-        subprocess.run([_dvc(), "checkout", "--force", stage], cwd=project, capture_output=True, env=_env())
+        subprocess.run([dvc_executable(), "checkout", "--force", stage], cwd=project, capture_output=True, env=_env())
         raise RuntimeError(f"stage {stage} failed (exit {code}): " + "\n".join(lines[-15:]))
     return stage_outputs(Path(project), stage)
 

@@ -21,7 +21,8 @@ import yaml
 from flip.errors import FlipError
 
 
-def _dvc() -> str:
+def dvc_executable() -> str:
+    """The dvc executable of this environment (a worker's PATH may not include the venv)."""
     here = Path(sys.executable).parent / "dvc"
     return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
 
@@ -80,7 +81,7 @@ def lock_hash(project: Path, path: str, rev: str | None = None) -> str | None:
 def fetch(project: Path, artifact: str, out: Path, *, version: str = "", stage: str = "") -> Path:
     """``dvc artifacts get`` the bundle of ``version`` or ``stage`` into ``out``."""
     ref = ["--rev", version] if version else ["--stage", stage]
-    cmd = [_dvc(), "artifacts", "get", str(Path(project).resolve()), artifact, *ref, "-o", str(out), "--force"]
+    cmd = [dvc_executable(), "artifacts", "get", str(Path(project).resolve()), artifact, *ref, "-o", str(out), "--force"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if done.returncode != 0:
         raise FlipError(f"cannot fetch {artifact} {version or stage} from {project}: "
