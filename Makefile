@@ -2,6 +2,7 @@
 # make lock  : re-resolve pyproject.toml's dependencies into requirements.lock (after changing them)
 # make data  : download, preprocess and validate only (check your own data first)
 # make run   : run the pipeline (dvc repro); make run PROFILE=paper: the paper's settings as a DVC experiment
+# make ablations : the paper's Table 5 as DVC experiments (after make run), then the report's ablation table
 # make test  : run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lock data
+.PHONY: setup run test lock data ablations
 setup: $(STAMP)
 
 # torch first and on its own, with pip: pip takes the CPU build where one lies on disk (this machine),
@@ -53,3 +54,11 @@ data: setup
 
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest
+
+# queue one experiment per Table 5 row, run them one after another (each in a temporary copy of the
+# committed project: commit first), then fill the report's ablation table from `dvc exp show --json`
+ablations: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" flip ablations queue
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc exp run --run-all -j 1
+	PATH="$(abspath $(VENV))/bin:$$PATH" flip ablations collect
+	PATH="$(abspath $(VENV))/bin:$$PATH" flip report

@@ -136,26 +136,29 @@ def evaluate(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
     cfg = _config(params, set_)
     result = run(cfg, data or cfg.data.processed_path, runs, out or Path("reports"), full_dir=full)
     typer.echo(result["headline"])
-    typer.echo(f"evaluated {', '.join(result['strategies'])}: {result['summary']}")
+    typer.echo("evaluated (test AUC): " + ", ".join(f"{n} {s['test']['auc']:.4f}" for n, s in result["strategies"].items()))
 
 
 @app.command()
 @_stage
 def analyze(data: Data = None, params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None,
             pretrained: Annotated[Path, typer.Option(help="pretraining run directory")] = Path("models/pretrain"),
+            scratch: Annotated[Path, typer.Option(help="the ID model trained from scratch (a finetune run)")] = Path(
+                "models/finetune/scratch"),
+            finetuned: Annotated[Path, typer.Option(help="the ID model aligned, then finetuned (a flip_id run)")] = Path(
+                "models/finetune/flip_id"),
             compare: Annotated[Optional[list[str]], typer.Option(
                 help="NAME=PATH of other ID-embedding weights (safetensors) for Fig. 6")] = None,
             rows: Annotated[int, typer.Option(help="test rows for Fig. 5")] = 256):
     """Fig. 5 (field-masked cross-modal similarity) and Fig. 6 (SVD of ID embeddings) as PNG + JSON."""
-    from flip.evaluate.analysis import analyze as run
+    from flip.evaluate.analysis import analyze as run, first_seed_weights
 
     cfg = _config(params, set_)
-    extra = dict(item.split("=", 1) for item in compare or [])
-    scratch_run = Path("models/finetune/scratch")
-    scratch = [scratch_run / "model.safetensors", *sorted(scratch_run.glob("seed-*/model.safetensors"))]
-    scratch = [p for p in scratch if p.exists()]
-    if scratch:  # (the first seed of several)
-        extra.setdefault("scratch (no alignment)", str(scratch[0]))
+    # Fig. 6 as in the paper: the ID model aligned and then finetuned against the same model from scratch
+    extra = {name: str(w) for name, w in (("scratch (no alignment)", first_seed_weights(scratch)),
+                                          ("FLIP_ID (aligned, then finetuned)", first_seed_weights(finetuned)))
+             if w is not None}
+    extra.update(dict(item.split("=", 1) for item in compare or []))
     result = run(data or cfg.data.processed_path, pretrained, out or Path("reports/analysis"), extra_runs=extra,
                  rows=rows)
     f5 = result["fig5"]
@@ -171,15 +174,13 @@ def report(out: Out = None,
            pretrain: Annotated[Optional[Path], typer.Option(help="pretraining run directory")] = Path("models/pretrain"),
            analysis: Annotated[Optional[Path], typer.Option(help="analysis output directory")] = Path(
                "reports/analysis"),
-           ablations: Annotated[Optional[Path], typer.Option(help="folder of ablation runs")] = Path(
-               "models/ablations"),
-           id_models: Annotated[Optional[Path], typer.Option(help="ID-baseline benchmark JSON")] = Path(
-               "benchmarks/results/id_models.json")):
-    """Write reports/index.html and reports/summary.md: our numbers beside the paper's."""
+           ablations: Annotated[Optional[Path], typer.Option(
+               help="ablation table written by `flip ablations collect` (make ablations)")] = Path(
+               "reports/ablations.json")):
+    """Write reports/index.html and reports/summary.md from this run's outputs, beside the paper's numbers."""
     from flip.evaluate.report import report as run
 
-    result = run(out or Path("reports"), pretrain_dir=pretrain, analysis_dir=analysis, ablations_dir=ablations,
-                 id_models=id_models)
+    result = run(out or Path("reports"), pretrain_dir=pretrain, analysis_dir=analysis, ablations=ablations)
     typer.echo(f"report: {result['html']} ({result['figures']} figures)")
 
 
@@ -260,6 +261,26 @@ def gate(params: Params = Path("params.yaml"), set_: Overrides = None, data: Dat
         result = run(challenger, champion_dir, data or cfg.data.processed_path, cfg.retrain, out, artifact=artifact,
                      champion_version=version or spec)
     typer.echo(f"{artifact}: {'promote' if result['promote'] else 'keep the champion'}: {'; '.join(result['reasons'])}")
+
+
+@app.command()
+@_stage
+def ablations(action: Annotated[str, typer.Argument(help="queue: queue the Table 5 experiments; collect: read "
+                                                         "`dvc exp show --json` into the report's ablation table")],
+              row: Annotated[Optional[list[str]], typer.Option(help="queue only this Table 5 row, e.g. 'w/o ICL'")] = None,
+              out: Annotated[Path, typer.Option("--out", "-o", help="ablation table (collect)")] = Path(
+                  "reports/ablations.json")):
+    """The paper's Table 5 as DVC experiments (make ablations: queue, dvc exp run --run-all, collect, report)."""
+    from flip.evaluate.ablations import collect_repo, queue
+
+    if action == "queue":
+        names = queue(Path("."), row)
+        typer.echo(f"queued {len(names)} experiment(s): {', '.join(names)}; run them with `dvc exp run --run-all`")
+    elif action == "collect":
+        result = collect_repo(Path("."), out)
+        typer.echo(f"{len(result['experiments'])} ablation row(s) -> {out}")
+    else:
+        raise FlipError(f"unknown action {action!r}: use `flip ablations queue` or `flip ablations collect`")
 
 
 def main() -> None:  # pragma: no cover

@@ -202,6 +202,20 @@ class RunConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The evaluate stage: held-out windows, Evidently pages, small-bucket marking."""
+
+    slices: int = 4  # the test split cut into this many consecutive time slices (drift, quality per slice)
+    drift_rows: int = 20_000  # windows larger than this are sampled (fixed seed) for the drift tests
+    pages: str = "main"  # Evidently HTML pages (~5 MB each): main | all | none (every window's numbers: eval.json)
+    min_bucket_rows: int = 100  # cold-start and reliability buckets with fewer rows are marked "too few rows"
+
+    def __post_init__(self) -> None:
+        if self.pages not in ("main", "all", "none"):
+            raise ConfigError(f"evaluate.pages must be main, all or none, not {self.pages!r}")
+
+
+@dataclass
 class ScheduleConfig:
     """Scheduled retraining served by Prefect (flows/serve.py)."""
 
@@ -237,6 +251,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 

@@ -214,10 +214,10 @@ def retrain(project: str = ".", pull_new_data: bool = True):
         after = _lock_stages(root)
         result.update(status=status, message=message,
                       stages_run=[s for s in after if after[s] != before.get(s)])
-        for name in ("reports/eval.json", "reports/validation.json"):
-            path = root / name
-            if path.exists():
-                result[name] = json.loads(path.read_text()).get("summary")
+        if (root / "reports/metrics.json").exists():  # the headline metrics (small, as `dvc metrics show`)
+            result["reports/metrics.json"] = json.loads((root / "reports/metrics.json").read_text())
+        if (root / "reports/validation.json").exists():
+            result["reports/validation.json"] = json.loads((root / "reports/validation.json").read_text()).get("summary")
         create_markdown_artifact(summary_markdown(result), key="retrain-summary", description=message[:200])
         print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2, default=str))
         return Completed(message=message, data=result) if ok else Failed(name=status, message=message, data=result)

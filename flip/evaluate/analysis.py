@@ -4,8 +4,9 @@
   token) and one field g at a time in the table (→ the shared ``[MASK]`` id), project [CLS] and v
   with the pretrained ICL heads, L2-normalise, and average the dot products: an F×F heat map whose
   diagonal should stand out when the two modalities are aligned field by field.
-* **Fig. 6**: a 2-D SVD projection of the ID model's feature embedding table, for every pretraining
-  run found (the main run and any ablation runs) and for the model trained from scratch.
+* **Fig. 6**: a 2-D SVD projection of the ID model's feature embedding table, as in the paper: the
+  ID model aligned and then finetuned (``flip_id``) against the same model trained from scratch, with
+  the table right after alignment (before finetuning) beside them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 
 from flip.errors import FlipError
 from flip.io import atomic_dir, write_json
+
+
+ALIGNED_ONLY = "after alignment only (not finetuned)"
 
 
 class NoIclHeads(FlipError):
@@ -62,6 +66,8 @@ def field_similarity(pretrained: Path, dataset_dir: Path, rows: int = 256) -> di
     """Fig. 5 numbers: S[f, g] = mean_i <z_text(mask f), z_tab(mask g)> over ``rows`` test rows."""
     import torch
 
+    if not json.loads((pretrained / "config.json").read_text())["pretrain"]["icl_weight"]:
+        raise NoIclHeads("the pretraining run has no ICL heads (pretrain.icl_weight = 0): Fig. 5 needs them")
     cfg, meta, model, tokenizer = _load_pretrained(pretrained, dataset_dir)
     with torch.no_grad():
         return _field_similarity(cfg, meta, model, tokenizer, dataset_dir, rows)
@@ -117,13 +123,20 @@ def embedding_svd(weights: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
             "effective_rank": float(np.exp(-(share * np.log(share + 1e-12)).sum()))}
 
 
+def first_seed_weights(run: Path) -> Path | None:
+    """The weights of a finetune run (its first seed of several), or None when it has none."""
+    run = Path(run)
+    found = [run / "model.safetensors", *sorted(run.glob("seed-*/model.safetensors"))]
+    return next((p for p in found if p.exists()), None)
+
+
 def _plot_fig5(plt: Any, sim: dict[str, Any], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
     im = ax.imshow(np.array(sim["similarity"]), cmap="viridis")
     ax.set_xticks(range(len(sim["fields"])), [f"Tab-{n}" for n in sim["fields"]], rotation=60, ha="right",
                   fontsize=7)
     ax.set_yticks(range(len(sim["fields"])), [f"Text-{n}" for n in sim["fields"]], fontsize=7)
-    ax.set_title("Fig. 5: similarity with one field masked per modality")
+    ax.set_title("Fig. 5: text vs table similarity,\none field masked in each", fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "fig5_field_similarity.png", dpi=110)
@@ -158,13 +171,13 @@ def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: d
             result["fig5"] = {k: v for k, v in sim.items()}
             _plot_fig5(plt, sim, tmp)
 
-        runs = {"FLIP": pretrained / "id_model.safetensors", **{k: Path(v) for k, v in (extra_runs or {}).items()}}
+        runs = {**{k: Path(v) for k, v in (extra_runs or {}).items()}, ALIGNED_ONLY: pretrained / "id_model.safetensors"}
         runs = {k: p for k, p in runs.items() if p.exists()}
         fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4), squeeze=False)
         result["fig6"] = {}
         for ax, (name, path) in zip(axes[0], runs.items()):
             state = load_file(str(path))
-            if name == "FLIP" and vocab_rows is not None:  # its rows for this dataset's feature ids
+            if name == ALIGNED_ONLY and vocab_rows is not None:  # its rows for this dataset's feature ids
                 old = int(json.loads((pretrained / "dataset_meta.json").read_text())["vocab_size"])
                 state = {k: (v[vocab_rows.numpy()] if v.ndim >= 1 and v.shape[0] == old else v)
                          for k, v in state.items()}
@@ -172,10 +185,16 @@ def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: d
                        and state[k].shape[0] == meta["vocab_size"] and state[k].shape[1] > 1)
             svd = embedding_svd(state[key], meta)
             result["fig6"][name] = {k: svd[k] for k in ("singular_values", "explained_2d", "effective_rank")}
-            ax.scatter(svd["coords"][:, 0], svd["coords"][:, 1], c=svd["field"], s=3, cmap="tab10")
-            ax.set_title(f"{name} (effective rank {svd['effective_rank']:.1f})", fontsize=9)
-        fig.suptitle("Fig. 6: 2-D SVD of the feature ID embeddings (colour = field)")
-        fig.tight_layout()
+            colours = plt.get_cmap("tab10")
+            for k, f in enumerate(meta["fields"]):
+                sel = svd["field"] == k
+                ax.scatter(svd["coords"][sel, 0], svd["coords"][sel, 1], s=3, color=colours(k % 10), label=f["name"])
+            ax.set_title(f"{name}\neffective rank {svd['effective_rank']:.1f}", fontsize=9)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, markerscale=3,
+                   title="field")
+        fig.suptitle("Fig. 6: 2-D SVD of the feature ID embeddings")
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         fig.savefig(tmp / "fig6_embedding_svd.png", dpi=110)
         plt.close(fig)
         write_json(tmp / "analysis.json", result)

@@ -3,17 +3,20 @@
 Reads each run's ``predictions/{valid,test}.parquet`` (row, label, prob) and the processed splits.
 Writes into ``out_dir`` (default ``reports/``):
 
-* ``eval.json``: per strategy (``strategies.<name>``) the mean over seeds of AUC and logloss (with
-  the std and every seed's value), calibration (ECE, Brier, PCOC) on valid and test, the rows and
-  learning-rate selection it trained with, AUC by user and item training frequency (cold start),
-  prediction drift, and the paired comparison against ``scratch`` (``delta_vs_scratch``: ΔAUC with
-  its 95% interval and p-value from DeLong's test on the same test rows, plus the spread over
-  seeds; ``flip`` also ``delta_vs_flip_id``). Every strategy of a group is scored on the rows
-  they all share. ``full_data`` holds the same for the ID strategies trained on the whole split
-  (``--full``), a separate group never mixed into the equal-data table. ``headline`` is the
-  one-sentence answer; data drift per held-out window.
-* ``plots/reliability/<strategy>.json`` and ``plots/roc/<strategy>.json``: DVC plots.
-* ``evidently/``: Evidently HTML + JSON reports (data drift, prediction drift, quality).
+* ``eval.json`` (the full record, not a DVC metric): per strategy (``strategies.<name>``) the
+  mean over seeds of AUC and logloss (with the std and every seed's value), calibration (ECE,
+  Brier, PCOC) on valid and test, the rows, epochs and learning-rate selection it trained with, AUC
+  by user and item frequency in the rows it trained on (cold start; thin buckets marked), prediction
+  drift, and the paired comparison against ``scratch`` (``delta_vs_scratch``: ΔAUC with its 95%
+  interval and p-value from DeLong's test on the same test rows, plus the spread over seeds;
+  ``flip`` also ``delta_vs_flip_id``). Every strategy of a group is scored on the rows they all
+  share. ``full_data`` holds the same for the ID strategies trained on the whole split (``--full``),
+  a separate group never mixed into the equal-data table. ``headline`` is the one-sentence answer;
+  ``data_drift`` holds each held-out window's attribute, ID-like and label drift; ``config`` is the
+  settings the runs trained with.
+* ``metrics.json``: the DVC metrics, the headline numbers only (:func:`headline_metrics`).
+* ``plots/reliability/`` and ``plots/roc/``: DVC plots, one file per strategy plus the diagonal.
+* ``evidently/``: Evidently JSON for every window, HTML pages as ``evaluate.pages`` says.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from flip.errors import FlipError
 from flip.io import atomic_dir, read_json, write_json
 
 STRATEGY_ORDER = ["scratch", "flip_id", "plm_scratch", "flip_plm", "flip"]
+USES_PLM = {"plm_scratch", "flip_plm", "flip"}  # strategies with a language model in the scored model
+PLM_ONLY = {"plm_scratch", "flip_plm"}  # ... and those without an ID model
 BASELINE = "scratch"
 # paired comparisons written to eval.json: (strategy, against) -> key
 COMPARISONS = {("flip", "flip_id"): "delta_vs_flip_id"}
@@ -81,12 +86,24 @@ def run_settings(run: Path, seeds: dict[str, Path]) -> dict[str, Any]:
                         "valid_auc": first_metrics.get("valid", {}).get("auc")}],
         "selected": {"lr": f.get("lr"), "plm_lr": f.get("plm_lr")}, "grid": None}
     epochs = [read_json(d / "metrics.json").get("train", {}).get("epochs") for d in seeds.values()]
+    run_json = read_json(first / "run.json") if (first / "run.json").exists() else {}
+    uses_plm = run.name in USES_PLM
     return {"train_rows": start.get("n_train"), "batch_size": start.get("batch_size"), "epochs_run": epochs,
-            "selection": selection, "seeds": list(seeds)}
+            "max_epochs": f.get("plm_epochs") or f.get("epochs") if uses_plm else f.get("epochs"),
+            "id_model": None if run.name in PLM_ONLY else config.get("id_model", {}).get("name"),
+            "plm": config.get("plm", {}).get("name") if uses_plm else None,
+            "pretrained": run_json.get("pretrained"), "selection": selection, "seeds": list(seeds)}
 
 
-def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str], counts: np.ndarray,
-                 ev_dir: Path | None, slices: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def training_counts(train: Any, keys: list[str], rows: int | None, vocab_size: int) -> dict[str, np.ndarray]:
+    """How often each id of the user and item fields occurs in the rows a group trained on (the most
+    recent ``rows`` training rows; ``None`` or 0 = all): the cold-start buckets' frequencies."""
+    used = train.tail(rows) if rows else train
+    return {k: np.bincount(used[k].to_numpy(), minlength=vocab_size) for k in keys}
+
+
+def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str], vocab_size: int,
+                 ev_dir: Path | None, evaluate_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every strategy of one comparison group, on the test rows they all share, with paired deltas."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -109,9 +126,13 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
     result: dict[str, Any] = {}
     plots: dict[str, Any] = {"reliability": {}, "roc": {}}
     aligned: dict[str, dict[str, np.ndarray]] = {}
+    settings = {name: run_settings(runs[name], seeds_of[name]) for name in runs}
+    trained_on = {s["train_rows"] for s in settings.values()}
+    counts = training_counts(frames["train"], keys, trained_on.pop() if len(trained_on) == 1 else None, vocab_size)
+    few = evaluate_cfg.min_bucket_rows
     y_test = None
     for name, per in preds.items():
-        entry: dict[str, Any] = run_settings(runs[name], seeds_of[name])
+        entry: dict[str, Any] = settings[name]
         for split in ("valid", "test"):
             rows = pd.Index(common[split])
             frames_s = {s: f.set_index("row").loc[rows] for s, f in per[split].items()}
@@ -132,8 +153,10 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
                 prob = first["prob"].to_numpy(np.float64)
                 entry["plots_seed"] = first_seed
                 joined = first.join(frames["test"].set_index("row")[keys]) if keys else first
-                entry["cold_start"] = {k: auc_by_frequency(joined[k].to_numpy(), y, prob, counts) for k in keys}
-                plots["reliability"][name] = [{**b, "strategy": name} for b in cals[0]["bins"] if b["count"]]
+                entry["cold_start"] = {k: auc_by_frequency(joined[k].to_numpy(), y, prob, counts[k], min_rows=few)
+                                       for k in keys}
+                plots["reliability"][name] = [{**b, "strategy": name, "too_few_rows": b["count"] < few}
+                                              for b in cals[0]["bins"] if b["count"]]
                 plots["roc"][name] = [{**pt, "strategy": name} for pt in roc_points(y, prob)]
         if ev_dir is not None:
             first_valid = next(iter(per["valid"].values()))
@@ -141,7 +164,7 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
             entry["prediction_drift"] = prediction_drift(
                 name, pd.DataFrame({"label": first_valid["label"].to_numpy(np.float64), "pred": first_valid["prob"]}),
                 pd.DataFrame({"label": first_test["label"].to_numpy(np.float64), "pred": first_test["prob"]}),
-                ev_dir, slices=slices)
+                ev_dir, slices=evaluate_cfg.slices, pages=evaluate_cfg.pages)
         result[name] = entry
     for name in result:
         if BASELINE in aligned and name != BASELINE:
@@ -166,14 +189,39 @@ def headline(strategies: dict[str, Any]) -> str:
             f"{d['seeds'][0]} vs {d['seeds'][1]} seeds, {d['rows']:,} test rows).")
 
 
-def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, full_dir: Path | None = None,
-             slices: int = 4, drift_rows: int = 20_000) -> dict[str, Any]:
+def headline_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics (``reports/metrics.json``): per strategy test AUC, logloss, ECE and ΔAUC vs
+    scratch on the same rows, the full-data runs likewise, and the data counts. Everything else
+    (seeds, intervals, calibration bins, cold start, drift) stays in ``eval.json``, which is not a
+    metric: ``dvc metrics show`` and ``dvc exp show`` stay readable."""
+    def short(s: dict[str, Any]) -> dict[str, float]:
+        m = {"auc": round(s["test"]["auc"], 6), "logloss": round(s["test"]["logloss"], 6),
+             "ece": round(s["test"]["ece"], 6)}
+        if "delta_vs_scratch" in s:
+            m["delta_auc"] = round(s["delta_vs_scratch"]["delta"], 6)
+        return m
+
+    first = next(iter(result["strategies"].values()))
+    return {"rows": {"train": result["counts"]["train"], "valid": result["counts"]["valid"],
+                     "test": result["counts"]["test"], "compared": first["test"]["rows"]},
+            **{name: short(s) for name, s in result["strategies"].items()},
+            **({"full_data": {name: short(s) for name, s in result["full_data"].items()}}
+               if result.get("full_data") else {})}
+
+
+# the diagonal drawn with the strategies: chance (ROC), perfect calibration (reliability)
+DIAGONALS = {"roc": ("diagonal", "fpr", "tpr"), "reliability": ("diagonal", "mean_pred", "frac_pos")}
+
+
+def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
+             full_dir: Path | None = None) -> dict[str, Any]:
     """Score the runs under ``runs_dir`` (the equal-data comparison) and, when given, the full-data ID
-    runs under ``full_dir``; write ``eval.json``, DVC plots and Evidently reports into ``out_dir``."""
+    runs under ``full_dir``; write ``eval.json``, ``metrics.json``, DVC plots and Evidently reports
+    into ``out_dir``."""
     import pyarrow.parquet as pq
 
     from flip.data.tensors import load_meta
-    from flip.evaluate.monitoring import data_drift
+    from flip.evaluate.monitoring import windows_drift
 
     started = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -184,36 +232,34 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *, full
     full_runs = find_runs(full_dir) if full_dir is not None else {}
     meta = load_meta(data_dir)
     fields = [f["name"] for f in meta["fields"]]
-    counts = pq.read_table(data_dir / meta["feature_counts"]).column("count").to_numpy()
     keys = [k for k in (meta.get("user_field"), meta.get("item_field")) if k]
     frames = {s: pq.read_table(data_dir / f"{s}.parquet", columns=["row", "label", *fields]).to_pandas()
               for s in ("train", "valid", "test")}
+    e = cfg.evaluate
 
+    first_seed = next(iter(seed_runs(next(iter(runs.values()))).values()))
     result: dict[str, Any] = {"dataset": meta["dataset"], "counts": meta["counts"],
-                              "user_field": meta.get("user_field"), "item_field": meta.get("item_field")}
+                              "user_field": meta.get("user_field"), "item_field": meta.get("item_field"),
+                              "config": read_json(first_seed / "config.json")}
     print(f"[evaluate] {len(runs)} strategies ({', '.join(runs)}) + {len(full_runs)} full-data run(s); "
           "Evidently drift reports ...", flush=True)
     with atomic_dir(out_dir / "evidently") as ev:
-        result["data_drift"] = data_drift(frames["train"], frames["valid"], frames["test"], fields, ev,
-                                          slices=slices, max_rows=drift_rows, seed=cfg.run.seeds[0])
-        result["strategies"], plots = _score_group(runs, frames, keys, counts, ev, slices)
+        result["data_drift"] = windows_drift(frames["train"], frames["valid"], frames["test"], meta, ev,
+                                             slices=e.slices, pages=e.pages, drift_share=cfg.retrain.drift_share,
+                                             target_drift=cfg.retrain.target_drift, max_rows=e.drift_rows,
+                                             seed=cfg.run.seeds[0])
+        result["strategies"], plots = _score_group(runs, frames, keys, meta["vocab_size"], ev, e)
     print(f"[evaluate] scored the equal-data runs ({time.time() - started:.0f}s)", flush=True)
     if full_runs:
-        result["full_data"], _ = _score_group(full_runs, frames, keys, counts, None, slices)
-    for kind, per in plots.items():
-        for name, rows in per.items():
-            write_json(out_dir / "plots" / kind / f"{name}.json", rows)
+        result["full_data"], _ = _score_group(full_runs, frames, keys, meta["vocab_size"], None, e)
+    with atomic_dir(out_dir / "plots") as tmp:
+        for kind, per in plots.items():
+            name, x, y = DIAGONALS[kind]
+            for strategy, rows in {**per, name: [{x: 0.0, y: 0.0}, {x: 1.0, y: 1.0}]}.items():
+                write_json(tmp / kind / f"{strategy}.json", rows)
     strategies = result["strategies"]
-    best = max(strategies, key=lambda s: strategies[s]["test"]["auc"])
     result["headline"] = headline(strategies)
-    result["summary"] = {
-        "best": best,
-        **{f"{s}.test.auc": round(v["test"]["auc"], 4) for s, v in strategies.items()},
-        **{f"{s}.delta_vs_scratch": round(v["delta_vs_scratch"]["delta"], 4)
-           for s, v in strategies.items() if "delta_vs_scratch" in v},
-        **{f"full_data.{s}.test.auc": round(v["test"]["auc"], 4) for s, v in result.get("full_data", {}).items()},
-        "max_drifted_share": max(w["drifted_share"] for w in result["data_drift"].values()),
-    }
     result["seconds"] = round(time.time() - started, 1)
     write_json(out_dir / "eval.json", result)
+    write_json(out_dir / "metrics.json", headline_metrics(result))
     return result

@@ -1,7 +1,8 @@
 """Evidently (0.7 API) reports on held-out chronological windows: data drift, prediction drift, quality.
 
 Windows: the validation split, the test split, and the test split cut into ``slices`` consecutive
-time slices. Data drift compares each window's fields (and label) with the training split; prediction
+time slices. Data drift compares each window's attribute fields with the training split (ID-like
+fields are tested but expected to drift, and the label is judged by its positive rate); prediction
 drift and classification quality compare a model's test-window scores with its validation scores.
 Evidently is imported inside the functions (~6 s import).
 """
@@ -26,42 +27,25 @@ def _value(metrics: list[dict], prefix: str) -> Any:
     return None
 
 
-def data_drift(train: Any, valid: Any, test: Any, fields: list[str], out_dir: Path, *, slices: int = 4,
-               max_rows: int = 20_000, seed: int = 0) -> dict[str, Any]:
-    """Drift of every field and the label between the training split and each held-out window.
+def windows_drift(train: Any, valid: Any, test: Any, meta: dict[str, Any], out_dir: Path, *, slices: int,
+                  pages: str, drift_share: float, target_drift: float, max_rows: int = 20_000,
+                  seed: int = 0) -> dict[str, Any]:
+    """:func:`window_drift` for every held-out window (valid, test, the test split's time slices).
 
-    Windows larger than ``max_rows`` are sampled (fixed seed) to keep the reports fast and small.
-    """
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
-
-    columns = [*fields, "label"]
-    definition = DataDefinition(categorical_columns=columns)
-
-    def prep(df: Any) -> Any:
-        df = df[columns].astype(str)
-        return df.sample(n=max_rows, random_state=seed) if len(df) > max_rows else df
-
-    reference = Dataset.from_pandas(prep(train), data_definition=definition)
+    ``pages``: which windows get an Evidently HTML page (each is ~5 MB: the page carries its own
+    JavaScript): ``main`` the test window only, ``all`` every window, ``none`` none. Every window's
+    numbers are in the returned summary either way."""
     windows = {"valid": valid, "test": test, **_windows(test, slices)}
-    summary: dict[str, Any] = {}
-    for name, df in windows.items():
-        snap = Report([DataDriftPreset(columns=columns)]).run(
-            current_data=Dataset.from_pandas(prep(df), data_definition=definition), reference_data=reference)
-        snap.save_html(str(out_dir / f"data_drift_{name}.html"))
-        snap.save_json(str(out_dir / f"data_drift_{name}.json"))
-        metrics = snap.dict()["metrics"]
-        per_column = {m["config"].get("column"): float(m["value"]) for m in metrics
-                      if m["metric_name"].startswith("ValueDrift")}
-        count = _value(metrics, "DriftedColumnsCount") or {}
-        summary[name] = {"rows": len(df), "drifted_columns": int(count.get("count", 0)),
-                         "drifted_share": float(count.get("share", 0.0)), "drift_score": per_column,
-                         "html": f"data_drift_{name}.html"}
-    return summary
+    return {name: window_drift(train, df, meta, out_dir, drift_share=drift_share, target_drift=target_drift,
+                               max_rows=max_rows, seed=seed, stem=f"data_drift_{name}",
+                               html=pages == "all" or (pages == "main" and name == "test"))
+            for name, df in windows.items()}
 
 
-def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, slices: int = 4) -> dict[str, Any]:
-    """Score drift (test windows vs validation) and classification quality of one model's predictions."""
+def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, slices: int = 4,
+                     pages: str = "main") -> dict[str, Any]:
+    """Score drift (test windows vs validation) and classification quality of one model's predictions;
+    an Evidently page for the test window (``pages="main"``), every window (``all``) or none."""
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.metrics import DummyLogLoss, LogLoss, MeanValue, RocAuc, ValueDrift
     from evidently.presets import ClassificationPreset
@@ -82,7 +66,9 @@ def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, sli
                        MeanValue(column="pred"), MeanValue(column="label")]).run(
             current_data=ds(df), reference_data=reference)
         stem = f"predictions_{strategy}_{name}"
-        snap.save_html(str(out_dir / f"{stem}.html"))
+        page = pages == "all" or (pages == "main" and name == "test")
+        if page:
+            snap.save_html(str(out_dir / f"{stem}.html"))
         snap.save_json(str(out_dir / f"{stem}.json"))
         metrics = snap.dict()["metrics"]
         means = [m["value"] for m in metrics if m["metric_name"].startswith("MeanValue")]
@@ -90,7 +76,7 @@ def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, sli
                          "auc": _value(metrics, "RocAuc"), "logloss": _value(metrics, "LogLoss"),
                          "dummy_logloss": _value(metrics, "DummyLogLoss"),
                          "mean_pred": means[0] if means else None, "mean_label": means[1] if len(means) > 1 else None,
-                         "html": f"{stem}.html"}
+                         "html": f"{stem}.html" if page else None}
     return summary
 
 
@@ -105,9 +91,12 @@ def id_like_fields(meta: dict[str, Any]) -> list[str]:
 
 
 def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *, drift_share: float,
-                 target_drift: float, max_rows: int = 20_000, seed: int = 0) -> dict[str, Any]:
-    """Data drift (attribute columns) and target drift (the label) of the newest window against the
-    training data, with Evidently; the verdict says whether either crossed its threshold."""
+                 target_drift: float, max_rows: int = 20_000, seed: int = 0, stem: str = "window_drift",
+                 html: bool = True) -> dict[str, Any]:
+    """Data drift (attribute columns) and target drift (the label) of a window against the training
+    data, with Evidently; the verdict says whether either crossed its threshold. ID-like columns are
+    tested and listed but never counted, and the label is judged by its positive rate, not as a
+    column. Writes ``<stem>.json`` (and ``<stem>.html`` with ``html``) into ``out_dir``."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -125,7 +114,9 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
         current_data=Dataset.from_pandas(prep(window), data_definition=definition),
         reference_data=Dataset.from_pandas(prep(train), data_definition=definition))
     out_dir.mkdir(parents=True, exist_ok=True)
-    snap.save_html(str(out_dir / "window_drift.html"))
+    if html:
+        snap.save_html(str(out_dir / f"{stem}.html"))
+    snap.save_json(str(out_dir / f"{stem}.json"))
     metrics = snap.dict()["metrics"]
     score = {m["config"].get("column"): float(m["value"]) for m in metrics if m["metric_name"].startswith("ValueDrift")}
     method = {m["config"].get("column"): m["config"].get("method") for m in metrics
@@ -160,7 +151,7 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
         "drift": bool(reasons), "reasons": reasons,
         "expected": "ID-like columns (users, items, zip codes, titles) always differ in a newer window: "
                     "they are shown but do not count as drift",
-        "html": "window_drift.html",
+        "html": f"{stem}.html" if html else None,
     }
 
 

@@ -1,239 +1,353 @@
-"""The ``report`` stage: one HTML page (``reports/index.html``) and a Markdown summary.
+"""The ``report`` stage: one HTML page (``reports/index.html``) and a Markdown summary of this run.
 
-It puts every strategy's AUC and logloss beside the paper's Table 2, the ID baselines and the
-ablation runs when they exist, calibration and cold-start plots, pretraining loss curves, the drift
-summary with links to the Evidently and Great Expectations pages, and the alignment figures.
-Everything it shows is read from files the other stages wrote; nothing is computed twice.
+Everything it shows comes from this run's own outputs: ``eval.json`` (evaluate), ``validation.json``
+(validate), the pretraining run's ``config.json``/``metrics.json``/``log.jsonl``, ``analysis.json``
+(analyze) and, after ``make ablations``, ``ablations.json`` (``flip ablations``, from ``dvc exp show``).
+The paper's numbers (``flip.evaluate.paper``) stand beside ours, labelled as the paper's. Nothing is
+computed again here and nothing is read from another run.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import time
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from flip.evaluate.paper import STRATEGY_ROW, TABLE2, TABLE5_ML1M
 from flip.errors import FlipError
+from flip.evaluate import figures
+from flip.evaluate.paper import STRATEGY_ROW, TABLE2, TABLE5_ML1M
 from flip.io import atomic_file
 
+PAPER = "Wang et al., RecSys '24"
 
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+
+def _read(path: Path | None) -> Any:
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def _figures(ev: dict[str, Any], pretrain_log: list[dict[str, Any]], out: Path) -> dict[str, str]:
-    import matplotlib
+class Page:
+    """The report as HTML and Markdown at once: every section is written to both."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self) -> None:
+        self.html: list[str] = []
+        self.md: list[str] = []
 
-    out.mkdir(parents=True, exist_ok=True)
-    made: dict[str, str] = {}
+    def heading(self, text: str) -> None:
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+        self.md.append(f"## {text}\n")
 
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    for name, s in ev["strategies"].items():
-        bins = [b for b in s.get("reliability", []) if b["count"]]
-        if bins:
-            ax.plot([b["mean_pred"] for b in bins], [b["frac_pos"] for b in bins], marker="o", label=name)
-    ax.set(xlabel="mean predicted click probability", ylabel="observed click rate", title="Reliability (test)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-    made["reliability"] = "figures/reliability.png"
+    def text(self, text: str, *, bold: bool = False) -> None:
+        self.html.append(f"<p>{'<b>' if bold else ''}{html.escape(text)}{'</b>' if bold else ''}</p>")
+        self.md.append(f"**{text}**\n" if bold else f"{text}\n")
 
-    for key in ("user", "item"):
-        field = ev.get(f"{key}_field")
-        series = {n: s["cold_start"].get(field) for n, s in ev["strategies"].items() if field in s.get("cold_start", {})}
-        if not series:
-            continue
-        buckets = [b["bucket"] for b in next(iter(series.values()))]
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        width = 0.8 / len(series)
-        for i, (name, rows) in enumerate(series.items()):
-            ax.bar([j + i * width for j in range(len(buckets))], [r["auc"] or 0 for r in rows], width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(buckets))], buckets)
-        ax.set(ylim=(0.5, 1.0), xlabel=f"{key} interactions in training", ylabel="test AUC",
-               title=f"AUC by {key} frequency (cold start)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"coldstart_{key}.png", dpi=110)
-        plt.close(fig)
-        made[f"coldstart_{key}"] = f"figures/coldstart_{key}.png"
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        self.html.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+        self.md.append("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
+            "| " + " | ".join(_fmt(c).replace("|", "/") for c in r) + " |\n" for r in rows))
 
-    steps = [r for r in pretrain_log if r.get("event") == "step"]
-    if steps:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for key in ("mlm", "mtm", "icl", "loss"):
-            pts = [(r["step"], r[key]) for r in steps if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=key)
-        ax.set(xlabel="step", ylabel="loss", title="Pretraining losses")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "pretrain_losses.png", dpi=110)
-        plt.close(fig)
-        made["pretrain_losses"] = "figures/pretrain_losses.png"
-    return made
+    def figure(self, src: str, caption: str) -> None:
+        self.html.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(Path(src).stem)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.md.append(f"![{Path(src).stem}]({src})\n\n*{caption}*\n")
+
+    def raw_html(self, fragment: str) -> None:
+        self.html.append(fragment)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> tuple[str, str]:
-    """The same table as HTML and as Markdown."""
-    h = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
-        "| " + " | ".join(_fmt(c) for c in r) + " |\n" for r in rows)
-    return h, md
+# ------------------------------------------------------------------------------------ the run's settings
+def commit() -> str:
+    """The git commit the report was made at ("+ uncommitted changes" when tracked files differ;
+    dvc.lock, which DVC rewrites while it runs, is not counted)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, timeout=30)
+        if head.returncode:
+            return "not a git repository"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not found)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
+def profile(config: dict[str, Any], paper_profile: Path = Path("profiles/paper.txt")) -> str:
+    """Which profile the runs used: the paper's settings (every line of ``profiles/paper.txt``
+    holds), the quick one (an equal-data subsample), or custom."""
+    from flip.config import parse_override
+
+    if paper_profile.exists():
+        lines = [x.strip() for x in paper_profile.read_text().splitlines() if x.strip() and not x.startswith("#")]
+
+        def holds(line: str) -> bool:
+            path, value = parse_override(line)
+            node: Any = config
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            return node == value
+        if lines and all(holds(x) for x in lines):
+            return f"paper ({paper_profile}: the paper's settings, every row)"
+    rows = config.get("finetune", {}).get("train_rows", 0)
+    if rows:
+        return (f"quick (every strategy on the same {rows:,} most recent training rows; the paper's settings are "
+                "`make run PROFILE=paper`)")
+    return "custom (every training row)"
+
+
+def settings_section(page: Page, ev: dict[str, Any], pretrain: dict[str, Any] | None,
+                     pretrain_config: dict[str, Any] | None) -> None:
+    config = ev.get("config") or {}
+    counts = ev["counts"]
+    page.heading("This run")
+    rows = [["dataset", ev["dataset"]],
+            ["samples (train · valid · test)", f"{counts['total']:,} ({counts['train']:,} · {counts['valid']:,} · "
+                                                f"{counts['test']:,})"],
+            ["profile", profile(config)],
+            ["commit", commit()],
+            ["ID model", config.get("id_model", {}).get("name")],
+            ["language model", f"{config.get('plm', {}).get('name')} (max length {config.get('plm', {}).get('max_length')})"],
+            ["seeds", ", ".join(sorted({x.removeprefix("seed-") for s in ev["strategies"].values()
+                                        for x in s.get("seeds", [])}))]]
+    if pretrain and pretrain.get("aligned") is False:
+        rows.append(["pretraining", "none: every objective weight is 0 (the paper's w/o MLM&MTM&ICL), so the "
+                                    "strategies start from the initial ID model and the language model as loaded"])
+    elif pretrain and pretrain_config:
+        p = pretrain_config["pretrain"]
+        weights = ", ".join(f"{k.upper()} {p[f'{k}_weight']:g}" for k in ("mlm", "mtm", "icl"))
+        rows.append(["pretraining", f"{pretrain.get('rows', 0):,} rows, {pretrain.get('epochs')} epoch(s), "
+                                    f"{pretrain.get('steps')} steps of {pretrain.get('batch_size')}; "
+                                    f"objective weights {weights}"])
+    page.table(["setting", "value"], rows)
+    per = [[name, s.get("train_rows"), s["test"]["rows"], s.get("max_epochs"), _epochs(s), s.get("batch_size"),
+            ", ".join(x.removeprefix("seed-") for x in s.get("seeds", [])),
+            s.get("id_model") or "–", s.get("plm") or "–", s.get("pretrained") or "no"]
+           for name, s in ev["strategies"].items()]
+    page.table(["strategy", "trained on rows", "scored on test rows", "max epochs", "epochs run", "batch size",
+                "seeds", "ID model", "language model", "pretraining"], per)
+
+
+def _epochs(s: dict[str, Any]) -> str:
+    e = [x for x in s.get("epochs_run", []) if x is not None]
+    return "–" if not e else (str(e[0]) if min(e) == max(e) else f"{min(e)}–{max(e)}")
+
+
+# ------------------------------------------------------------------------------------ results
+RESULT_HEADER = ["strategy", "paper row", "train rows", "seeds", "valid AUC", "test AUC (mean ± std)", "test logloss",
+                 "ΔAUC vs scratch [95% CI]", "p-value", "Δ seed std", "test ECE"]
+
+
+def _result_row(name: str, s: dict[str, Any], paper: dict[str, Any]) -> list[Any]:
+    d = s.get("delta_vs_scratch")
+    delta = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "(baseline)"
+    row = STRATEGY_ROW.get(name, name)
+    return [name, row, s.get("train_rows"), len(s.get("seeds", [])), s["valid"]["auc"],
+            f"{s['test']['auc']:.4f} ± {s['test'].get('auc_std', 0.0):.4f}", s["test"]["logloss"], delta,
+            f"{d['p_value']:.2g}" if d else "–", d["seed_std"] if d else None, s["test"]["ece"],
+            paper.get(row, (None, None))[0], paper.get(row, (None, None))[1]]
+
+
+def _candidate(c: dict[str, Any], name: str, plm_only: bool) -> str:
+    rates = f"plm_lr={c['plm_lr']:g}" if plm_only else (
+        f"lr={c['lr']:g}" + (f", plm_lr={c['plm_lr']:g}" if name == "flip" else ""))
+    auc = c.get("valid_auc")
+    return f"{rates}: {auc:.4f}" if isinstance(auc, float) else rates
 
 
 PROFILE_NOTE = ("What this run can show: a comparison at the training budget it was given (rows, epochs, "
                 "language-model size). The quick profile trains the language-model strategies on a few thousand rows "
                 "on a CPU, so it tests whether FLIP helps at that budget, not the paper's full-data margins; the paper "
                 "profile (`make run PROFILE=paper`, a GPU) trains every strategy on every row as the paper did.")
-RESULT_HEADER = ["strategy", "paper row", "train rows", "seeds", "valid AUC", "test AUC (mean ± std)", "test logloss",
-                 "ΔAUC vs scratch [95% CI]", "p-value", "Δ seed std", "test ECE"]
-PLM_ONLY = ("flip_plm", "plm_scratch")
 
 
-def _result_row(name: str, s: dict[str, Any], paper: dict[str, Any]) -> list[Any]:
-    d = s.get("delta_vs_scratch")
-    delta = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "(baseline)"
-    return [name, STRATEGY_ROW.get(name, name), s.get("train_rows"), len(s.get("seeds", [])), s["valid"]["auc"],
-            f"{s['test']['auc']:.4f} ± {s['test'].get('auc_std', 0.0):.4f}", s["test"]["logloss"], delta,
-            f"{d['p_value']:.2g}" if d else "–", d["seed_std"] if d else None, s["test"]["ece"],
-            paper.get(STRATEGY_ROW.get(name, ""), (None, None))[0]]
+def results_section(page: Page, ev: dict[str, Any]) -> None:
+    dataset, strategies = ev["dataset"], ev["strategies"]
+    paper = TABLE2.get(dataset, {})
+    paper_cols = [f"paper AUC ({PAPER}, Table 2)", "paper logloss"]
+    first = next(iter(strategies.values()))
+    page.heading("Did FLIP help here?")
+    page.text(ev.get("headline", ""), bold=True)
+    page.text(f"Equal data: every strategy trained on the same {first['train_rows']:,} most recent training rows and "
+              f"was scored on the same {first['test']['rows']:,} test rows"
+              + (f" (of {ev['counts']['test']:,}: an evenly spaced subsample; the interval reflects it)"
+                 if first["test"]["rows"] < ev["counts"]["test"] else "") + ". "
+              "ΔAUC is the mean over seeds minus scratch's, with its 95% interval and p-value from DeLong's paired "
+              "test on those rows; 'Δ seed std' is the spread of the per-seed differences (training noise). "
+              f"The paper's columns are {PAPER}'s Table 2 (the full dataset on a GPU), for reference only.")
+    page.table(RESULT_HEADER + paper_cols, [_result_row(n, s, paper) for n, s in strategies.items()])
+    page.text(PROFILE_NOTE)
+
+    page.heading("Learning-rate selection (validation split only)")
+    sel = [(n, s) for n, s in strategies.items() if s.get("selection")]
+    seed = next((s["selection"].get("seed") for _, s in sel if s["selection"].get("seed") is not None), "–")
+    rows = []
+    for name, s in sel:
+        plm_only = s.get("id_model") is None
+        keys = ["plm_lr"] if plm_only else (["lr", "plm_lr"] if name == "flip" else ["lr"])
+        chosen = ", ".join(f"{k}={s['selection']['selected'][k]:g}" for k in keys
+                           if s["selection"]["selected"].get(k) is not None)
+        rows.append([name, chosen, "; ".join(_candidate(c, name, plm_only) for c in s["selection"]["candidates"])])
+    page.table(["strategy", "selected", f"candidates (validation AUC, seed {seed})"], rows)
+
+    full = ev.get("full_data") or {}
+    if full:
+        page.heading("The ID model on the full training split (not an equal-data comparison)")
+        page.text("Both trained on every training row at the fixed finetune.lr and scored on the whole test split; "
+                  "the Δ is FLIP_ID against scratch on those rows.")
+        page.table(RESULT_HEADER + paper_cols, [_result_row(n, s, paper) for n, s in full.items()])
 
 
-def _candidate(c: dict[str, Any], name: str) -> str:
-    rates = f"plm_lr={c['plm_lr']:g}" if name in PLM_ONLY else (
-        f"lr={c['lr']:g}" + (f", plm_lr={c['plm_lr']:g}" if name == "flip" else ""))
-    auc = c.get("valid_auc")
-    return f"{rates}: {auc:.4f}" if isinstance(auc, float) else rates
+def ablations_section(page: Page, ablations: dict[str, Any] | None, dataset: str) -> None:
+    page.heading(f"Ablations ({PAPER}, Table 5)")
+    if not ablations or not ablations.get("experiments"):
+        page.text("No ablation experiments yet: `make ablations` runs the Table 5 variants as DVC experiments "
+                  "(`dvc exp run --queue`) and fills this table from `dvc exp show --json`.")
+        return
+    paper = TABLE5_ML1M if dataset == "movielens-1m" else {}
+    rows = [[e["row"], e["name"], e["settings"], e["flip_auc"], e["flip_logloss"], e.get("flip_id_auc"),
+             paper.get(e["row"], (None, None))[0], paper.get(e["row"], (None, None))[1]]
+            for e in ablations["experiments"]]
+    page.table(["Table 5 row", "experiment", "settings", "FLIP test AUC", "FLIP test logloss", "FLIP_ID test AUC",
+                "paper AUC (ML-1M)", "paper logloss"], rows)
+    page.text(f"Each row is a DVC experiment of this project (`dvc exp show`), at this run's profile; collected "
+              f"from {ablations.get('source', 'dvc exp show --json')}. The paper's columns are its MovieLens-1M "
+              "numbers" + ("" if paper else " (shown for MovieLens-1M only)") + ".")
 
 
-def _epochs(s: dict[str, Any]) -> str:
-    e = [x for x in s.get("epochs_run", []) if x is not None]
-    return f"{min(e)}–{max(e)} epoch(s)" if e and min(e) != max(e) else (f"{e[0]} epoch(s)" if e else "")
+def calibration_section(page: Page, ev: dict[str, Any], bins: dict[str, list], figures_dir: Path) -> None:
+    page.heading("Calibration (test)")
+    page.table(["strategy", "ECE", "Brier", "PCOC", "mean prediction", "click rate"],
+               [[n, s["test"]["ece"], s["test"]["brier"], s["test"]["pcoc"], s["test"]["mean_pred"],
+                 s["test"]["mean_label"]] for n, s in ev["strategies"].items()])
+    if any(bins.values()):
+        caption = figures.reliability(bins, figures_dir / "reliability.png")
+        page.figure("figures/reliability.png", caption)
+
+
+def cold_start_section(page: Page, ev: dict[str, Any], figures_dir: Path) -> None:
+    page.heading("Cold start: AUC by user and item frequency")
+    strategies = ev["strategies"]
+    train_rows = next(iter(strategies.values())).get("train_rows")
+    for key in ("user", "item"):
+        field = ev.get(f"{key}_field")
+        series = {n: s["cold_start"][field] for n, s in strategies.items() if field in s.get("cold_start", {})}
+        if not series:
+            continue
+        buckets = next(iter(series.values()))
+        header = [f"{key} interactions", "test rows", "click rate", "readable"] + [f"{n} AUC" for n in series]
+        page.table(header, [[b["bucket"], b["rows"], b["positive_rate"], not b.get("too_few_rows")]
+                            + [series[n][i]["auc"] for n in series] for i, b in enumerate(buckets)])
+        caption = figures.cold_start(key, field, series, train_rows, figures_dir / f"coldstart_{key}.png")
+        page.figure(f"figures/coldstart_{key}.png", caption)
+
+
+def alignment_section(page: Page, analysis_dir: Path | None, reports_dir: Path) -> None:
+    page.heading("Alignment analysis (the paper's §4.6)")
+    result = _read(analysis_dir / "analysis.json") if analysis_dir else None
+    if not result:
+        page.text("No analysis figures (run `flip analyze`).")
+        return
+
+    def src(name: str) -> str:
+        png = analysis_dir / name
+        return (png.relative_to(reports_dir).as_posix() if png.is_relative_to(reports_dir)
+                else Path("..", png.relative_to(reports_dir.parent)).as_posix())
+    f5 = result["fig5"]
+    if "skipped" in f5:
+        page.text(f"Fig. 5 skipped: {f5['skipped']}.")
+    else:
+        page.figure(src("fig5_field_similarity.png"),
+                    f"Fig. 5: cross-modal similarity with one field masked in the text (rows) and one in the table "
+                    f"(columns), over {f5['rows']} test rows. Aligned field by field, the diagonal stands out: here "
+                    f"its mean is {f5['diagonal_mean']:.3f} against {f5['off_diagonal_mean']:.3f} off it, and it is "
+                    f"the largest entry in {f5['diagonal_is_row_max']} of {len(f5['fields'])} rows.")
+    f6 = result["fig6"]
+    ranks = "; ".join(f"{name}: {v['effective_rank']:.1f}" for name, v in f6.items())
+    page.figure(src("fig6_embedding_svd.png"),
+                "Fig. 6: the ID embeddings projected on their top two singular directions, coloured by field. The "
+                "paper's comparison is the ID model finetuned after alignment against the same model trained from "
+                "scratch; a higher effective rank (the number of directions the embeddings really use) means a less "
+                f"collapsed table. Effective ranks: {ranks}.")
+
+
+def drift_section(page: Page, ev: dict[str, Any]) -> None:
+    page.heading("Data drift: the training split against each held-out window (Evidently)")
+    windows = ev["data_drift"]
+    first = next(iter(windows.values()))
+    page.text("Attribute columns are tested for drift and counted; ID-like columns (" + ", ".join(first["id_like"])
+              + ") always differ in a newer, chronological window, as new users and items arrive: they are tested "
+              "and listed, but expected to drift and not counted. The label is not a feature: its drift is the "
+              "change of the click rate. The verdict uses the retrain flow's thresholds (retrain.drift_share, "
+              "retrain.target_drift).")
+    rows = [[w, d["window_rows"], f"{len(d['drifted_attributes'])} of {len(d['attributes'])}",
+             ", ".join(d["drifted_attributes"]) or "none", ", ".join(d["id_like_drifted"]) or "none",
+             d["positive_rate"]["train"], d["positive_rate"]["window"], "; ".join(d["reasons"]) or "no drift"]
+            for w, d in windows.items()]
+    page.table(["window", "rows", "attributes drifted", "which", "ID-like drifted (expected)",
+                "click rate (train)", "click rate (window)", "verdict"], rows)
+    links = [f'<a href="evidently/{html.escape(d["html"])}">data drift, {html.escape(w)}</a>'
+             for w, d in windows.items() if d.get("html")]
+    links += [f'<a href="evidently/{html.escape(p["html"])}">{html.escape(n)}, {html.escape(w)}</a>'
+              for n, s in ev["strategies"].items() for w, p in s.get("prediction_drift", {}).items() if p.get("html")]
+    if links:
+        page.raw_html("<p>Evidently pages (evaluate.pages; every window's numbers are in eval.json): "
+                      + " · ".join(links) + "</p>")
 
 
 def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir: Path | None = None,
-           ablations_dir: Path | None = None, id_models: Path | None = None) -> dict[str, Any]:
-    """Write ``reports_dir/index.html`` and ``reports_dir/summary.md`` from the stages' outputs."""
+           ablations: Path | None = None) -> dict[str, Any]:
+    """Write ``reports_dir/index.html`` and ``reports_dir/summary.md`` from this run's outputs."""
     reports_dir = Path(reports_dir)
     ev = _read(reports_dir / "eval.json")
     if ev is None:
         raise FlipError(f"{reports_dir / 'eval.json'} not found: run `flip evaluate` first")
     validation = _read(reports_dir / "validation.json") or {}
-    dataset = ev["dataset"]
-    paper = TABLE2.get(dataset, {})
+    pretrain = _read(Path(pretrain_dir) / "metrics.json") if pretrain_dir else None
+    pretrain_config = _read(Path(pretrain_dir) / "config.json") if pretrain_dir else None
+    figures_dir = reports_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
 
-    # main table: every strategy at equal training data, on the same test rows, with the paired Δ
-    strategies = ev["strategies"]
-    first = next(iter(strategies.values()))
-    rows = [_result_row(name, s, paper) for name, s in strategies.items()]
-    main_h, main_md = _table(RESULT_HEADER + [f"paper AUC ({dataset})"], rows)
-    sel_rows = [[name, ", ".join(f"{k}={v:g}" for k, v in s["selection"]["selected"].items()
-                                 if v is not None and (k == "lr") != (name in PLM_ONLY)),
-                 "; ".join(_candidate(c, name) for c in s["selection"]["candidates"])]
-                for name, s in strategies.items() if s.get("selection")]
-    sel_h, sel_md = _table(["strategy", "selected", "candidates (validation AUC, seed " +
-                            str(next((s["selection"].get("seed") for s in strategies.values()
-                                      if s.get("selection", {}).get("seed") is not None), "–")) + ")"], sel_rows)
-    full = ev.get("full_data") or {}
-    full_rows = [_result_row(name, s, paper) for name, s in full.items()]
-    full_h, full_md = _table(RESULT_HEADER + [f"paper AUC ({dataset})"], full_rows) if full_rows else ("", "")
-    scope = (f"Equal data: every strategy trained on the same {first['train_rows']:,} most recent training rows "
-             f"and scored on the same {first['test']['rows']:,} test rows"
-             + (f" (of {ev['counts']['test']:,}: an evenly spaced subsample; the interval reflects it)"
-                if first["test"]["rows"] < ev["counts"]["test"] else "") + ". "
-             "ΔAUC is the mean over seeds minus scratch's, with its 95% interval and p-value from DeLong's paired "
-             "test on those rows; 'Δ seed std' is the spread of the per-seed differences (training noise).")
-    seeds_line = "; ".join(f"{n}: {len(s['seeds'])} seed(s), {_epochs(s)}" for n, s in strategies.items())
-
-    sections_h, sections_md = [], []
-    ids = _read(id_models) if id_models else None
-    if ids and ids.get("models"):
-        r = [[m["model"], m.get("paper_row"), m["test_auc"], m["test_logloss"], m.get("samples_per_second"),
-              m.get("paper_auc")] for m in ids["models"]]
-        h, md = _table(["ID model (scratch)", "paper row", "test AUC", "test logloss", "train samples/s",
-                        "paper AUC"], r)
-        sections_h.append(f"<h2>ID-based baselines</h2>{h}")
-        sections_md.append(f"## ID-based baselines\n\n{md}")
-
-    if ablations_dir and Path(ablations_dir).exists():
-        r = []
-        for d in sorted(Path(ablations_dir).iterdir()):
-            m = _read(d / "metrics.json")
-            if m:
-                ref = TABLE5_ML1M.get(d.name.replace("_", " "), (None, None)) if dataset == "movielens-1m" else (None, None)
-                r.append([d.name, m["test"]["auc"], m["test"]["logloss"], ref[0], ref[1]])
-        if r:
-            h, md = _table(["ablation", "test AUC", "test logloss", "paper AUC", "paper logloss"], r)
-            sections_h.append(f"<h2>Ablations</h2>{h}")
-            sections_md.append(f"## Ablations\n\n{md}")
-
-    # calibration + cold start numbers
-    cal_rows = [[n, s["test"]["ece"], s["test"]["brier"], s["test"]["pcoc"], s["test"]["mean_pred"],
-                 s["test"]["mean_label"]] for n, s in ev["strategies"].items()]
-    cal_h, cal_md = _table(["strategy", "ECE", "Brier", "PCOC", "mean prediction", "click rate"], cal_rows)
-
-    drift_rows = [[w, d["rows"], d["drifted_columns"], d["drifted_share"],
-                   max(d["drift_score"].values()) if d["drift_score"] else None] for w, d in ev["data_drift"].items()]
-    drift_h, drift_md = _table(["window", "rows", "drifted columns", "drifted share", "max drift score"], drift_rows)
-    drift_links = " · ".join(f'<a href="evidently/{html.escape(d["html"])}">{html.escape(w)}</a>'
-                             for w, d in ev["data_drift"].items())
-    pred_links = " · ".join(f'<a href="evidently/{html.escape(p["html"])}">{html.escape(n)} {html.escape(w)}</a>'
-                            for n, s in ev["strategies"].items() for w, p in s.get("prediction_drift", {}).items())
-
-    pretrain_log: list[dict[str, Any]] = []
+    page = Page()
+    settings_section(page, ev, pretrain, pretrain_config)
+    results_section(page, ev)
+    ablations_section(page, _read(ablations), ev["dataset"])
+    bins = {n: _read(reports_dir / "plots" / "reliability" / f"{n}.json") or [] for n in ev["strategies"]}
+    calibration_section(page, ev, bins, figures_dir)
+    cold_start_section(page, ev, figures_dir)
     if pretrain_dir and (Path(pretrain_dir) / "log.jsonl").exists():
-        pretrain_log = [json.loads(x) for x in (Path(pretrain_dir) / "log.jsonl").read_text().splitlines() if x]
-    ev_plot = {**ev, "user_field": ev.get("user_field"), "item_field": ev.get("item_field")}
-    for name, s in ev_plot["strategies"].items():
-        rel = reports_dir / "plots" / "reliability" / f"{name}.json"
-        s["reliability"] = _read(rel) or []
-    figures = _figures(ev_plot, pretrain_log, reports_dir / "figures")
+        log = [json.loads(x) for x in (Path(pretrain_dir) / "log.jsonl").read_text().splitlines() if x]
+        caption = figures.pretraining_losses([r for r in log if r.get("event") == "step"],
+                                             figures_dir / "pretrain_losses.png")
+        if caption:
+            page.heading("Pretraining")
+            page.figure("figures/pretrain_losses.png", caption)
+    alignment_section(page, Path(analysis_dir) if analysis_dir else None, reports_dir)
+    drift_section(page, ev)
+    page.heading("Data validation (pandera contract, Great Expectations)")
+    page.text(str(validation.get("summary", "not run")))
+    if (reports_dir / "gx_docs").exists():
+        page.raw_html('<p><a href="gx_docs/index.html">Great Expectations Data Docs</a></p>')
 
-    alignment = []
-    if analysis_dir and Path(analysis_dir).exists():
-        for png in sorted(Path(analysis_dir).glob("*.png")):
-            alignment.append(Path("..", png.relative_to(reports_dir.parent)).as_posix()
-                             if not png.is_relative_to(reports_dir) else png.relative_to(reports_dir).as_posix())
-
-    imgs = "".join(f'<figure><img src="{html.escape(src)}" alt="{html.escape(k)}"><figcaption>{html.escape(k)}'
-                   f"</figcaption></figure>" for k, src in figures.items())
-    align_imgs = "".join(f'<figure><img src="{html.escape(src)}" alt="alignment"><figcaption>{html.escape(Path(src).stem)}'
-                         f"</figcaption></figure>" for src in alignment)
-    gx = '<a href="gx_docs/index.html">Great Expectations Data Docs</a>' if (reports_dir / "gx_docs").exists() else ""
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>FLIP evaluation: {html.escape(dataset)}</title>
+    title = f"FLIP evaluation report: {ev['dataset']}"
+    n_figures = sum(1 for x in page.html if x.startswith("<figure>"))
+    document = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}
-figure{{display:inline-block;margin:8px}}img{{max-width:520px;border:1px solid #ddd}}</style></head>
-<body data-figures="{len(figures) + len(alignment)}">
-<h1>FLIP evaluation report: {html.escape(dataset)}</h1>
-<p>Generated {stamp}. Samples: {ev['counts']['total']:,} (train {ev['counts']['train']:,} · valid {ev['counts']['valid']:,} · test {ev['counts']['test']:,}).
-Model selection on the validation split; test scored once. Paper numbers: Wang et al., RecSys '24, Table 2.</p>
-<h2>Did FLIP help here?</h2><p class="headline"><b>{html.escape(ev.get('headline', ''))}</b></p>
-<p>{html.escape(scope)}</p>{main_h}
-<p>Seeds and epochs: {html.escape(seeds_line)}. Paper AUC: the full dataset on a GPU (Table 2), for reference only.</p>
-<p>{html.escape(PROFILE_NOTE)}</p>
-<h2>Learning-rate selection (validation split only)</h2>{sel_h}
-{('<h2>ID models on the full training split (not an equal-data comparison)</h2>' + full_h) if full_h else ''}
-{''.join(sections_h)}
-<h2>Calibration (test)</h2>{cal_h}
-<h2>Figures</h2>{imgs}
-<h2>Alignment analysis</h2>{align_imgs or '<p>No analysis figures (run <code>flip analyze</code>).</p>'}
-<h2>Data drift (Evidently): training split vs held-out windows</h2>{drift_h}
-<p>Data drift reports: {drift_links}</p><p>Prediction drift and quality: {pred_links}</p>
-<h2>Data validation</h2><p>{html.escape(str(validation.get('summary', 'not run')))} {gx}</p>
+figure{{display:inline-block;margin:8px;max-width:540px;vertical-align:top}}figcaption{{font-size:0.85em;color:#444}}
+img{{max-width:520px;border:1px solid #ddd}}</style></head>
+<body data-figures="{n_figures}">
+<h1>{html.escape(title)}</h1>
+{''.join(page.html)}
 <script>
   // count figures that really decoded (read by the headless-browser test)
   window.addEventListener('load', () => {{
@@ -243,17 +357,9 @@ Model selection on the validation split; test scored once. Paper numbers: Wang e
 </script>
 </body></html>
 """
-    md = (f"# FLIP evaluation report: {dataset}\n\nGenerated {stamp}. Model selection on validation; test scored once.\n\n"
-          f"## Did FLIP help here?\n\n**{ev.get('headline', '')}**\n\n{scope}\n\n{main_md}\n"
-          f"Seeds and epochs: {seeds_line}.\n\n{PROFILE_NOTE}\n\n"
-          f"## Learning-rate selection (validation split only)\n\n{sel_md}\n"
-          + (f"## ID models on the full training split (not an equal-data comparison)\n\n{full_md}\n" if full_md else "")
-          + "\n".join(sections_md) +
-          f"\n## Calibration (test)\n\n{cal_md}\n## Data drift (training vs held-out windows)\n\n{drift_md}\n"
-          f"Data validation: {validation.get('summary', 'not run')}\n")
     with atomic_file(reports_dir / "index.html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_text(document, encoding="utf-8")
     with atomic_file(reports_dir / "summary.md") as tmp:
-        tmp.write_text(md, encoding="utf-8")
+        tmp.write_text(f"# {title}\n\n" + "\n".join(page.md), encoding="utf-8")
     return {"html": str(reports_dir / "index.html"), "markdown": str(reports_dir / "summary.md"),
-            "figures": len(figures) + len(alignment)}
+            "figures": n_figures}

@@ -734,11 +734,14 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
     See the module docstring for what is trained, the distributed scheme and the output layout.
     """
     from flip.models.plm import load_tokenizer
+    from flip.train.unaligned import nothing_to_align, save_unaligned
 
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
     from flip.models import check_model_name
 
     check_model_name(cfg.id_model.name)  # before any work or output
+    if nothing_to_align(cfg):  # Table 5's "w/o MLM&MTM&ICL": the initial models, in a pretraining run's layout
+        return save_unaligned(cfg, dataset_dir, out) if os.environ.get("RANK", "0") == "0" else {}
     set_threads(cfg.run.threads)
     ctx, device = init_distributed(cfg.run.device)
     try:

@@ -16,7 +16,7 @@ from helpers import ROOT
 def make_dvc_repo(path: Path, params_update) -> callable:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)
-    for folder in ("flip", "flows"):
+    for folder in ("flip", "flows", "profiles"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((path / "params.yaml").read_text())
     params_update(params)

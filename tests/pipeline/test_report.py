@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic.rows=4000", "run.progress=false",
-                             "finetune.epochs=2", "id_model.dnn_hidden_units=[32]"])
+                             "finetune.epochs=2", "id_model.dnn_hidden_units=[32]", "evaluate.drift_rows=2000"])
     data = tmp / "processed"
     preprocess(cfg, tmp, data, progress=False)
     for name, model, seeds in (("scratch", "dcnv2", "[1,2,3]"), ("flip_id", "deepfm", "[1,2]")):  # distinct predictions
@@ -31,7 +31,7 @@ def reports(tmp_path_factory):
                                     "finetune.lr_grid=[0.001,0.003]"]),
                  data, tmp / "runs" / name)
     out = tmp / "reports"
-    result = evaluate(cfg, data, tmp / "runs", out, drift_rows=2000)
+    result = evaluate(cfg, data, tmp / "runs", out)
     report(out)
     return out, result
 
@@ -45,9 +45,20 @@ def test_eval_json_holds_metrics_calibration_cold_start_and_drift(reports):
         assert 0.5 < s[split]["auc"] <= 1 and s[split]["logloss"] > 0
         assert 0 <= s[split]["ece"] < 0.5 and 0 < s[split]["brier"] < 0.5
     assert [b["bucket"] for b in s["cold_start"]["user_id"]][0] == "0 (cold)"
-    assert {"valid", "test", "test_slice_1", "test_slice_4"} <= set(saved["data_drift"])
-    assert (out / "evidently" / saved["data_drift"]["test"]["html"]).exists()
-    assert "pred_drift" in s["prediction_drift"]["test"]
+    assert {"valid", "test", *(f"test_slice_{k}" for k in range(1, 5))} == set(saved["data_drift"])
+    drift = saved["data_drift"]["test"]
+    # ID-like columns apart from attributes, the label apart from features
+    assert set(drift["id_like"]) >= {"user_id", "item_id"} and not set(drift["id_like"]) & set(drift["attributes"])
+    assert "label" not in drift["attributes"] and set(drift["positive_rate"]) == {"train", "window"}
+    # evaluate.pages=main: one data-drift page (the test window) and one page per strategy; JSON for every window
+    pages = sorted(x.name for x in (out / "evidently").glob("*.html"))
+    assert pages == ["data_drift_test.html", "predictions_flip_id_test.html", "predictions_scratch_test.html"]
+    assert len(list((out / "evidently").glob("*.json"))) == 6 + 2 * 5
+    assert "pred_drift" in s["prediction_drift"]["test"] and s["prediction_drift"]["test_slice_1"]["html"] is None
+    # cold start on the same rows for every strategy, counted in the rows they trained on, thin buckets marked
+    buckets = [[(b["bucket"], b["rows"]) for b in st["cold_start"]["user_id"]] for st in saved["strategies"].values()]
+    assert buckets[0] == buckets[1] and sum(n for _, n in buckets[0]) == s["test"]["rows"]
+    assert all(b["too_few_rows"] == (b["rows"] < 100 or b["auc"] is None) for b in s["cold_start"]["user_id"])
     assert json.loads((out / "plots" / "reliability" / "scratch.json").read_text())[0]["strategy"] == "scratch"
     # seeds: the mean, the spread and every seed's value
     assert list(s["test"]["auc_per_seed"]) == ["seed-1", "seed-2", "seed-3"]
@@ -64,6 +75,33 @@ def test_eval_json_holds_metrics_calibration_cold_start_and_drift(reports):
     assert saved["headline"].startswith("No FLIP-vs-ID comparison")  # no flip run here
 
 
+def test_dvc_metrics_hold_the_headline_numbers_only(reports):
+    out, result = reports
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"rows", "scratch", "flip_id"}
+    assert metrics["flip_id"] == {"auc": round(result["strategies"]["flip_id"]["test"]["auc"], 6),
+                                  "logloss": round(result["strategies"]["flip_id"]["test"]["logloss"], 6),
+                                  "ece": round(result["strategies"]["flip_id"]["test"]["ece"], 6),
+                                  "delta_auc": round(result["strategies"]["flip_id"]["delta_vs_scratch"]["delta"], 6)}
+    assert metrics["rows"]["compared"] == result["strategies"]["scratch"]["test"]["rows"]
+    # the plots: one file per strategy and the diagonal, overlaid by dvc.yaml's top-level plots
+    assert sorted(x.name for x in (out / "plots" / "roc").iterdir()) == ["diagonal.json", "flip_id.json", "scratch.json"]
+
+
+def test_every_number_in_the_report_comes_from_the_run_or_the_paper(reports):
+    """Tables, headline and captions: each number is in eval.json, metrics.json, the plots or the paper's tables."""
+    from report_numbers import allowed_numbers, paper_numbers, read_sources, untraceable
+
+    out, _ = reports
+    md = (out / "summary.md").read_text()
+    sources = read_sources(out / "eval.json", out / "metrics.json", *(out / "plots").rglob("*.json"))
+    assert untraceable(md, allowed_numbers(*sources, *paper_numbers())) == []
+    # and the check can fail: a number from elsewhere is caught
+    assert untraceable(md + "\n| scratch | 0.123456789 |\n", allowed_numbers(*sources)) != []
+    # the report reads no benchmark file: only this run's outputs and the paper
+    assert "ID-based baselines" not in md and "## This run" in md
+
+
 def test_report_markdown_puts_numbers_beside_the_paper(reports):
     out, _ = reports
     md = (out / "summary.md").read_text()
@@ -72,6 +110,7 @@ def test_report_markdown_puts_numbers_beside_the_paper(reports):
     d = ev["strategies"]["flip_id"]["delta_vs_scratch"]
     assert f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" in md
     assert "Learning-rate selection" in md and "lr=0.003" in md
+    assert "paper AUC (Wang et al., RecSys '24, Table 2)" in md
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")

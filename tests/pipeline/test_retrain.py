@@ -112,7 +112,7 @@ def test_four_weeks_of_retraining(prefect_server, tmp_path):
     assert list(result["outputs"]) == [s for stages in STAGE_GROUPS.values() for s in stages]  # every stage ran
     for paths in result["outputs"].values():
         assert all((repo / p).exists() for p in paths), paths
-    assert result["reports/eval.json"]["flip_id.test.auc"] > 0.5
+    assert result["reports/metrics.json"]["flip_id"]["auc"] > 0.5
     assert "Running stage" not in run("dvc", "repro")  # the flow's runs are DVC's runs
 
     # the same week again: no new data, nothing runs after the data check, the champion stays
