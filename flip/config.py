@@ -93,6 +93,7 @@ class ValidateConfig:
     reports_dir: str = "reports"
     positive_rate_band: list[float] = field(default_factory=lambda: [0.01, 0.99])
     max_null_fraction: float = 0.0
+    max_unseen_share: float = 0.05  # valid/test: at most this share of an attribute's values unseen in training
     # expected counts (warnings only when they differ: a partial copy is legitimate)
     expected_total: int = 0
 

@@ -96,3 +96,47 @@ def test_a_time_far_outside_the_logs_period_fails_the_batch_check(processed, tmp
         t.schema.get_field_index("timestamp"), "timestamp", pa.array([97732] + ts[1:], pa.int64())))
     with pytest.raises(DataError, match="expect_column_values_to_be_between"):
         validate(cfg, out, tmp_path / "reports")
+
+
+@pytest.mark.slow
+def test_data_docs_work_offline_and_list_every_validation(processed, tmp_path):
+    """No stylesheet, script or image from a CDN; the index lists each validation as a plain link."""
+    import re
+
+    from flip.data.quality import validate
+
+    cfg, out = processed
+    validate(cfg, out, tmp_path / "reports")
+    docs = tmp_path / "reports" / "gx_docs"
+    pages = list(docs.rglob("*.html"))
+    assert len(pages) >= 7
+    for page in pages:
+        text = page.read_text()
+        assert not re.search(r'<(link|script|img)[^>]+(href|src)="https?://', text), page
+        assert "<script" not in text and "static/styles/offline.css" in text
+    index = (docs / "index.html").read_text()
+    links = re.findall(r'<a href="(validations/[^"]+)">(\w+)</a>', index)
+    assert sorted(name for _, name in links) == ["test_quality", "train_quality", "valid_quality"]
+    assert all((docs / href).exists() for href, _ in links)
+    assert index.count("fa-check-circle text-success") == 3 and "::before" in (
+        docs / "static" / "styles" / "offline.css").read_text()
+
+
+@pytest.mark.slow
+def test_attribute_values_unseen_in_training_fail_the_window_check(processed, tmp_path):
+    """A new window whose gender is mostly a value training never saw fails; new users do not."""
+    from flip.data.quality import validate
+
+    cfg, out = processed
+    meta = load_meta(out)
+    oov = {f["name"]: f["oov_id"] for f in meta["fields"]}
+    t = pq.read_table(out / "test.parquet")
+    rewrite(out / "test.parquet", lambda t: t.set_column(  # every user unseen: expected in a newer window
+        t.schema.get_field_index("user_id"), "user_id", pa.array([oov["user_id"]] * len(t), pa.int32())))
+    assert validate(cfg, out, tmp_path / "ok")["success"]
+    gender = t.column("gender").to_pylist()
+    cut = len(gender) // 10  # 10% of the window: above validate.max_unseen_share = 0.05
+    rewrite(out / "test.parquet", lambda t: t.set_column(
+        t.schema.get_field_index("gender"), "gender", pa.array([oov["gender"]] * cut + gender[cut:], pa.int32())))
+    with pytest.raises(DataError, match=r"test: expect_column_values_to_not_be_in_set\(gender\)"):
+        validate(cfg, out, tmp_path / "bad")
