@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flip.align.masking import IGNORE_INDEX
 from flip.errors import SettingError
 
-IGNORE_INDEX = -100
 NOISE_FLOOR = 1e-10  # q(j) is clamped here (then renormalised): ids never seen in training
 
 

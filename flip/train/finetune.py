@@ -66,13 +66,12 @@ from flip.config import Config, FinetuneConfig
 from flip.data.tensors import TabularSplit, load_meta, load_tabular
 from flip.errors import SettingError
 from flip.io import write_json
+from flip.train.identity import dataset_fingerprint, run_fingerprint
 from flip.train.loop import (
     EvalSet,
     LoopSettings,
     Task,
     adopt_run,
-    config_fingerprint,
-    dataset_fingerprint,
     finished_metrics,
     fit,
     resolve_device,
@@ -393,10 +392,8 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
         return cache["data"]
 
     def fingerprint(cfg_s: Config, seed: int) -> str:
-        extra = {"stage": "finetune", "dataset": dataset_id}
-        if strategy.fingerprint is not None:
-            extra["strategy"] = strategy.fingerprint(cfg_s, pretrained)
-        return config_fingerprint(cfg_s.to_dict(), seed, extra)
+        extra = {"strategy": strategy.fingerprint(cfg_s, pretrained)} if strategy.fingerprint is not None else {}
+        return run_fingerprint("finetune_plm" if strategy.uses_plm else "finetune", cfg_s, dataset_id, seed, extra)
 
     def build(cfg_s: Config, holdout_test: bool = False) -> Callable[[], Task]:
         def make() -> Task:

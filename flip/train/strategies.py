@@ -57,11 +57,12 @@ from torch import nn
 from flip.config import Config
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import FlipError
-from flip.io import read_json
+from flip.io import file_sha256, read_json
+from flip.models.layers import HEAD_MODULES
 from flip.train.finetune import CtrData, TabularTask, finetune_bf16, make_optimizer, register_strategy
 from flip.train.loop import Task
-from flip.train.precision import autocast, use_bf16
-from flip.train.pretrain import HEAD_MODULES, file_sha256, plm_identity
+from flip.train.precision import autocast
+from flip.train.identity import plm_identity
 
 __all__ = [
     "EVAL_CHUNK",

@@ -335,3 +335,27 @@ def test_dropout_is_inverted_bernoulli():
     torch.testing.assert_close(h.grad, out.detach())  # d(h * m / (1-p)) / dh = m / (1-p)
     assert torch.equal(drop.eval()(h), h)
     assert torch.equal(Dropout(0.0).train()(h), h)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_reaches_the_model_by_name(name):
+    """``from_config`` passes every option by its config key: dropout and batch_norm cannot swap."""
+    import dataclasses
+
+    keys = {f.name for f in dataclasses.fields(IdModelConfig)}
+    options = MODELS[name].options()
+    assert set(options) - keys <= {"product_type"}  # PNN's product choice is not a config knob
+    model = build(name, dropout=0.37, batch_norm=True)
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    drops += [m.dropout for m in model.modules() if isinstance(m, MultiHeadSelfAttention)]
+    if "dropout" in options:
+        assert any(p == pytest.approx(0.37) for p in drops)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    if "batch_norm" in options:
+        assert norms
+    assert isinstance(model.fc, torch.nn.Linear) and model.fc.in_features == model.output_dim
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        MODELS["dcnv2"](NUM_FIELDS, VOCAB, 8, [16])  # the options cannot be given by position
