@@ -6,9 +6,42 @@ import gzip
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FLIP_DATA_MIRROR") or ROOT.parent / "shared" / "data")
+
+# The settings the tests were written for, where Config() (= params.yaml, the quick profile) differs:
+# the tests pin them so that a change of the profile does not change what they compute.
+TEST_DEFAULTS: dict[str, dict[str, Any]] = {
+    "plm": {"max_length": 100},
+    "pretrain": {"epochs": 30, "batch_size": 1024, "lr": 5e-5, "plm_lr": 0.0, "warmup_steps": 0, "train_rows": 0},
+    "finetune": {"train_rows": 0, "eval_rows": 0, "lr_grid": [], "plm_epochs": 0, "plm_batch_size": 0,
+                 "alpha_init": 0.0},
+    "run": {"seeds": [2012]},
+}
+
+
+def pinned_tree(tree: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``tree`` (a params.yaml-shaped dict) over :data:`TEST_DEFAULTS`, section by section."""
+    out = {section: dict(values) for section, values in TEST_DEFAULTS.items()}
+    for section, values in (tree or {}).items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+def pinned_config(tree: dict[str, Any] | None = None):
+    """``config_from_dict(pinned_tree(tree))``."""
+    from flip.config import config_from_dict
+
+    return config_from_dict(pinned_tree(tree))
+
+
+def pinned_overrides(*overrides: str) -> list[str]:
+    """``-S`` overrides for ``load_config(None, ...)``: :data:`TEST_DEFAULTS`, then ``overrides``."""
+    pinned = [f"{s}.{k}={json.dumps(v)}" for s, values in TEST_DEFAULTS.items() for k, v in values.items()]
+    return [*pinned, *overrides]
+
 
 def ml1m_available() -> bool:
     return (SHARED_DATA / "ml-1m" / "ratings.dat").exists()

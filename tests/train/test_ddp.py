@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))
 from tiny_plm import make_tiny_bert  # noqa: E402
 
 from flip.config import config_from_dict  # noqa: E402
+from helpers import pinned_tree  # noqa: E402
 
 ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
             "low_rank": 4, "num_experts": 2}
@@ -66,12 +67,12 @@ def env(tmp_path_factory):
 
 def cfg_tree(env, **pretrain_values) -> dict:
     data, bert, tokens = env
-    return {
+    return pinned_tree({
         "id_model": ID_MODEL,
         "plm": {"name": bert, "max_length": 64, "cache_dir": tokens},
         "pretrain": {"epochs": 1, "batch_size": 25, "lr": 3e-3, "precision": "fp32", **pretrain_values},
         "run": {"seeds": [5], "device": "cpu", "threads": 1, "progress": False},
-    }
+    })
 
 
 def run_steps(tree: dict, data_dir: str) -> dict:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))
 from tiny_plm import make_tiny_bert  # noqa: E402
 
 from flip.config import config_from_dict  # noqa: E402
+from helpers import pinned_config  # noqa: E402
 from flip.errors import FlipError  # noqa: E402
 from flip.train import finetune, load_ctr_data  # noqa: E402
 from flip.train.loop import CRASH_ENV, SimulatedCrash, seed_everything  # noqa: E402
@@ -68,7 +69,7 @@ def make_cfg(env, **sections):
     }
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)
-    return config_from_dict(tree)
+    return pinned_config(tree)
 
 
 def strategy_cfg(env, strategy, **finetune_values):
