@@ -14,7 +14,6 @@ Layers that own raw ``nn.Parameter`` tensors initialise them themselves.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 from typing import Any
@@ -102,8 +101,7 @@ class IdModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: Any, num_fields: int, vocab_size: int) -> "IdModel":
         """The model of an ``IdModelConfig``: every option of :meth:`build` that is a config key, by name."""
-        keys = {f.name for f in dataclasses.fields(cfg)}
-        options = {name: getattr(cfg, name) for name in cls.options() if name in keys}
+        options = {name: getattr(cfg, name) for name in cls.options() if hasattr(cfg, name)}
         return cls(num_fields, vocab_size, embedding_dim=cfg.embedding_dim, **options)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

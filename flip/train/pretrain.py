@@ -47,12 +47,11 @@ Distributed (torchrun)
     * each objective's local loss is rescaled by ``W * n_local / n_global`` (n = masked tokens
       for MLM, masked fields for MTM, rows for ICL), so that DDP's gradient average equals the
       gradient of the global-batch mean;
-    * ICL negatives are all-gathered across ranks by ``flip.align.objectives`` (the other ranks'
-      blocks carry no gradient, as in the authors' code: the ICL gradient is a partial one, so
-      only MLM/MTM gradients match a single process exactly). CAUTION: with the paper's
-      dot-product similarity this partial gradient made ICL diverge on 2 ranks (tiny models; see
-      ``tests/train/test_ddp.py``); an autograd all_gather there (``torch.distributed.nn.
-      functional.all_gather``) makes the ICL gradient exact too, with the scaling below;
+    * ICL negatives are all-gathered across ranks by ``flip.align.objectives`` with an autograd
+      all-gather (every rank's block carries its gradient), so with the scaling above the ICL
+      gradient matches a single process too (the authors' code keeps only the local block's
+      gradient; with the paper's dot-product similarity that partial gradient made ICL diverge on
+      2 ranks, ``tests/train/test_ddp.py``);
     * dropout draws differ per rank (each rank's RNG is offset after model initialisation).
 
     Only rank 0 writes ``OUT``; rank ``r > 0`` runs the loop in ``OUT/.rank-r`` (its own

@@ -142,6 +142,11 @@ def test_max_rows_and_adamw(tiny_dataset, tmp_path, make_config):
     finetune(cfg, tiny_dataset, tmp_path)
     start = log_records(tmp_path, "start")[0]
     assert start["n_train"] == 1000 and start["steps_per_epoch"] == 4
+    from flip.train.finetune import build_scratch
+
+    task = build_scratch(cfg, load_ctr_data(tiny_dataset), torch.device("cpu"))
+    assert type(task.optimizer) is torch.optim.AdamW
+    assert task.optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_unknown_strategy_and_optimizer(tiny_dataset, tmp_path, make_config):
