@@ -130,7 +130,7 @@ def test_dependency_scan_finds_lazy_imports():
 def test_stage_params_cover_what_identifies_a_run(name, stage):
     """A section in the run's fingerprint that dvc.yaml does not list would change the run without DVC
     re-running the stage."""
-    from flip.train.finetune import get_strategy
+    from flip.strategies import get_strategy
 
     if _command(stage) == "pretrain":
         sections = STAGE_SECTIONS["pretrain"]
@@ -139,3 +139,27 @@ def test_stage_params_cover_what_identifies_a_run(name, stage):
         sections = STAGE_SECTIONS["finetune_plm" if get_strategy(strategy).uses_plm else "finetune"]
     listed = {p.split(".")[0] if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])}
     assert set(sections) <= listed, f"{name}: params {sorted(listed)} lack {sorted(set(sections) - listed)}"
+
+
+# ------------------------------------------------------------------------------------ imports
+def _direct_imports(path) -> set[str]:
+    """The flip modules a file names in its imports, anywhere in it (``from X import m``: X.m when m is a
+    module, else X)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                names.add(full if _module_file(full) is not None else node.module)
+    return {n for n in names if n.split(".")[0] == "flip" and _module_file(n) is not None}
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "flip").rglob("*.py")}
+    graph = {name: _direct_imports(path) for name, path in modules.items()}
+    mutual = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps
+                     if a in graph.get(b, ()) and a != b})
+    assert not mutual, f"modules that import each other: {mutual}"

@@ -28,8 +28,9 @@ import numpy as np
 from flip.config import Config
 from flip.errors import FlipError
 from flip.io import atomic_dir, read_json, write_json
+from flip.strategies import REPORT_ORDER
 
-STRATEGY_ORDER = ["scratch", "flip_id", "plm_scratch", "flip_plm", "flip"]
+STRATEGY_ORDER = list(REPORT_ORDER)
 BASELINE = "scratch"
 # paired comparisons written to eval.json: (strategy, against) -> key
 COMPARISONS = {("flip", "flip_id"): "delta_vs_flip_id"}

@@ -17,6 +17,7 @@ from typing import Any
 from flip.evaluate.paper import STRATEGY_ROW, TABLE2, TABLE5_ML1M
 from flip.errors import FlipError
 from flip.io import atomic_file
+from flip.strategies import PLM_ONLY
 
 
 def _read(path: Path) -> Any:
@@ -99,7 +100,6 @@ PROFILE_NOTE = ("What this run can show: a comparison at the training budget it 
                 "profile (`make run PROFILE=paper`, a GPU) trains every strategy on every row as the paper did.")
 RESULT_HEADER = ["strategy", "paper row", "train rows", "seeds", "valid AUC", "test AUC (mean ± std)", "test logloss",
                  "ΔAUC vs scratch [95% CI]", "p-value", "Δ seed std", "test ECE"]
-PLM_ONLY = ("flip_plm", "plm_scratch")
 
 
 def _result_row(name: str, s: dict[str, Any], paper: dict[str, Any]) -> list[Any]:

@@ -94,14 +94,15 @@ def test_flip_id_starts_from_the_pretrained_id_tower(env):
         elif not key.startswith("fc."):
             assert torch.equal(state[key], value), key
     # trained exactly like scratch: same task class, optimizer and regulariser
-    from flip.train.finetune import TabularTask
+    from flip.train.ctr import TabularTask
 
     assert isinstance(task, TabularTask) and type(task.optimizer).__name__ == "Adam"
     assert task.l2_embedding == cfg.finetune.l2_embedding
 
 
 def test_flip_loss_is_eq15_and_alpha_is_reported(env):
-    from flip.train.strategies import FlipTask, build_flip
+    from flip.train.ctr import FlipTask
+    from flip.train.strategies import build_flip
 
     data_dir, _, _, pre = env
     cfg = strategy_cfg(env, "flip", alpha_init=0.3, l2_embedding=0.0)
