@@ -114,7 +114,7 @@ def pretrain(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
 @_stage
 def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
              pretrained: Annotated[Optional[Path], typer.Option(help="pretraining run directory")] = None):
-    """Train a CTR model (finetune.strategy: scratch | flip_id | flip_plm | plm_scratch | flip)."""
+    """Train a CTR model (finetune.strategy: a row of flip.strategies.STRATEGIES)."""
     from flip.train.finetune import finetune as run
 
     cfg = _config(params, set_)

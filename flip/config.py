@@ -3,7 +3,8 @@
 One dataclass per section of ``params.yaml``. ``load_config(path, overrides)`` reads the file,
 applies overrides spelt exactly as ``dvc exp run -S`` spells them (``finetune.lr=1e-3``,
 ``run.seeds=[1,2,3]``), and checks every key against the dataclasses, so a typo fails loudly
-instead of being ignored. Only the standard library and PyYAML are used: this module must import
+instead of being ignored. The defaults are ``params.yaml``'s (the quick profile; a test checks that
+``Config()`` equals it); the paper's settings are the overrides in ``profiles/paper.txt``. Only the standard library and PyYAML are used: this module must import
 on a bare GPU machine that has torch + transformers + pyarrow only.
 """
 
@@ -127,7 +128,7 @@ class IdModelConfig:
 @dataclass
 class PlmConfig:
     name: str = "minilm-l6"  # HF id, local directory, or the alias minilm-l6 (offline default)
-    max_length: int = 100
+    max_length: int = 64  # paper: 100 (ML-1M, BookCrossing), 180 (GoodReads)
     cache_dir: str = "data/tokens"
     pooling: str = "cls"  # cls (paper: the [CLS] state) | mean (over real tokens; what sentence encoders were trained for)
     layers: int = 0  # 0 = every layer; N = the first N transformer layers of the encoder (a smaller model)
@@ -136,16 +137,16 @@ class PlmConfig:
 # -------------------------------------------------------------------------------------- training
 @dataclass
 class PretrainConfig:
-    epochs: int = 30
-    batch_size: int = 1024
-    lr: float = 5e-5
-    plm_lr: float = 0.0  # 0 = lr (the paper: one rate); > 0 = the language model's own rate (the rest at lr)
+    epochs: int = 1  # paper: 30
+    batch_size: int = 32  # paper: 1024
+    lr: float = 1e-3  # paper: 5e-5
+    plm_lr: float = 2e-5  # 0 = lr (the paper: one rate); > 0 = the language model's own rate (the rest at lr)
     weight_decay: float = 1e-3
-    warmup_steps: int = 0
+    warmup_steps: int = 20  # paper: 0
     grad_accum: int = 1
     max_steps: int = 0  # 0 = no limit; >0 stops early (reduced CPU profile)
     max_rows: int = 0  # 0 = all training rows (else the first N)
-    train_rows: int = 0  # 0 = all; else the last (most recent) N: set it to finetune.train_rows for equal data
+    train_rows: int = 8000  # 0 = all (paper); else the last (most recent) N: = finetune.train_rows for equal data
     text_mask_ratio: float = 0.15
     tab_mask_ratio: float = 0.15
     same_fields: bool = False  # mask the same fields on both modalities
@@ -166,7 +167,7 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    strategy: str = "scratch"  # scratch | flip_id | flip_plm | plm_scratch | flip
+    strategy: str = "scratch"  # a row of flip.strategies.STRATEGIES
     epochs: int = 20
     batch_size: int = 1024
     lr: float = 1e-3
@@ -179,23 +180,23 @@ class FinetuneConfig:
     eval_batch_size: int = 8192
     max_rows: int = 0  # 0 = all training rows (else the first N)
     # every strategy trains and is scored on the same rows (equal data; a language model is costly on a CPU):
-    train_rows: int = 0  # 0 = all; else train on the last (most recent) N training rows
-    eval_rows: int = 0  # 0 = all; else at most N validation and N test rows, evenly spaced in time
+    train_rows: int = 8000  # 0 = all (paper); else train on the last (most recent) N training rows
+    eval_rows: int = 4000  # 0 = all (paper); else at most N validation and N test rows, evenly spaced in time
     # learning-rate selection on the validation split (the paper: {1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3});
     # empty = the single value lr / plm_lr. flip selects both (the product of the two grids).
-    lr_grid: list[float] = field(default_factory=list)  # the ID model's rate
+    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # the ID model's rate
     plm_lr_grid: list[float] = field(default_factory=list)  # the language model's rate (and its head's)
-    # strategies with a language model (flip, flip_plm, plm_scratch):
+    # strategies with a language model (uses_plm in flip.strategies.STRATEGIES):
     plm_seeds: int = 0  # 0 = every seed of run.seeds; N = its first N seeds (a CPU budget)
-    plm_epochs: int = 0  # 0 = epochs
-    plm_batch_size: int = 0  # 0 = batch_size
-    alpha_init: float = 0.0
+    plm_epochs: int = 1  # 0 = epochs (paper)
+    plm_batch_size: int = 32  # 0 = batch_size (paper)
+    alpha_init: float = 0.5  # the authors: 0; 0.5 lets few CPU steps move it
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
 
 
 @dataclass
 class RunConfig:
-    seeds: list[int] = field(default_factory=lambda: [2012])
+    seeds: list[int] = field(default_factory=lambda: [2012, 2013, 2014])
     device: str = "auto"  # auto | cpu | cuda | cuda:0
     threads: int = 0  # torch intra-op threads; 0 = torch default
     progress: bool = True

@@ -1,14 +1,52 @@
-"""Test helpers: project paths, the optional MovieLens-1M copy, tiny raw files in official formats."""
+"""Test helpers: project paths, the settings tests pin, the optional MovieLens-1M copy, tiny raw files in
+official formats, tiny language models built in code and a synthetic processed dataset.
+
+The session fixtures of ``tests/conftest.py`` (``synthetic_data``, ``tiny_bert``) build the last two once."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
+import string
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FLIP_DATA_MIRROR") or ROOT.parent / "shared" / "data")
+
+# The settings the tests were written for, where Config() (= params.yaml, the quick profile) differs:
+# the tests pin them so that a change of the profile does not change what they compute.
+TEST_DEFAULTS: dict[str, dict[str, Any]] = {
+    "plm": {"max_length": 100},
+    "pretrain": {"epochs": 30, "batch_size": 1024, "lr": 5e-5, "plm_lr": 0.0, "warmup_steps": 0, "train_rows": 0},
+    "finetune": {"train_rows": 0, "eval_rows": 0, "lr_grid": [], "plm_epochs": 0, "plm_batch_size": 0,
+                 "alpha_init": 0.0},
+    "run": {"seeds": [2012]},
+}
+
+
+def pinned_tree(tree: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``tree`` (a params.yaml-shaped dict) over :data:`TEST_DEFAULTS`, section by section."""
+    out = {section: dict(values) for section, values in TEST_DEFAULTS.items()}
+    for section, values in (tree or {}).items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+def pinned_config(tree: dict[str, Any] | None = None):
+    """``config_from_dict(pinned_tree(tree))``."""
+    from flip.config import config_from_dict
+
+    return config_from_dict(pinned_tree(tree))
+
+
+def pinned_overrides(*overrides: str) -> list[str]:
+    """``-S`` overrides for ``load_config(None, ...)``: :data:`TEST_DEFAULTS`, then ``overrides``."""
+    pinned = [f"{s}.{k}={json.dumps(v)}" for s, values in TEST_DEFAULTS.items() for k, v in values.items()]
+    return [*pinned, *overrides]
+
 
 def ml1m_available() -> bool:
     return (SHARED_DATA / "ml-1m" / "ratings.dat").exists()
@@ -73,3 +111,120 @@ def write_goodreads(root: Path) -> Path:
               "date_added": f"Thu Dec {1 + i % 28:02d} 11:31:02 -0800 2015"} for i in range(50)]
     dump("goodreads_interactions_dedup.json.gz", inter)
     return d
+
+
+# ---------------------------------------------------------------- tiny language models, built in code
+# BERT: a WordPiece vocabulary written by hand: the specials ([PAD]=0, [UNK], [CLS], [SEP], [MASK]),
+# every ASCII letter/digit/punctuation mark with its ``##`` continuation (so any ASCII word can be split),
+# a few CJK characters, and the whole words of ``corpus`` (lower-cased); the tokenizer lower-cases and
+# strips accents like bert-base-uncased; emoji become [UNK]. RoBERTa: a byte-level BPE trained on
+# ``corpus`` (specials <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4, as roberta-base), so any unicode text is
+# covered. Both models: 2 layers, hidden 32, 2 heads (a forward pass takes milliseconds).
+DEFAULT_CORPUS = [
+    "User ID is u160. Item ID is i65. Gender is male. Age is 25-34. City is oslo.",
+    "Favourite mood is romantic. Genre is romantic tale. Title is the red mirror.",
+    "User ID is 12. Gender is female. Age is under 18. Occupation is college student.",
+    "Title is Toy Story (1995). Genre is Animation. Zipcode is 48067.",
+    "Title is Café au lait (Métisse) (1993). City is Zürich. Language is 日本語. Author is 東京.",
+]
+CJK = list("東京日本語")
+
+
+def corpus_words(corpus: list[str]) -> list[str]:
+    words: dict[str, None] = {}
+    for text in corpus:
+        for w in re.findall(r"[a-z0-9]+", text.lower()):
+            words[w] = None
+    return list(words)
+
+
+def make_tiny_bert(directory: str | Path, corpus: list[str] | None = None, hidden: int = 32, layers: int = 2,
+                   heads: int = 2, max_positions: int = 256, seed: int = 0) -> Path:
+    """Write a tiny random BertModel + fast WordPiece tokenizer to ``directory``; returns it."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = Path(directory)
+    corpus = DEFAULT_CORPUS + list(corpus or [])
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation) + CJK
+    vocab: dict[str, int] = {}
+    for tok in specials + chars + ["##" + c for c in chars if c not in CJK] + corpus_words(corpus):
+        vocab.setdefault(tok, len(vocab))
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    assert tokenizer.is_fast
+    tokenizer.model_max_length = max_positions
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden,
+                        max_position_embeddings=max_positions, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = BertModel(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_roberta(directory: str | Path, corpus: list[str] | None = None, hidden: int = 32, layers: int = 2,
+                      heads: int = 2, max_length: int = 256, vocab_size: int = 600, seed: int = 0) -> Path:
+    """Write a tiny random RobertaModel + fast byte-level BPE tokenizer to ``directory``."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    directory = Path(directory)
+    corpus = DEFAULT_CORPUS + list(corpus or [])
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    raw = directory / "bpe"
+    raw.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(raw))
+    tokenizer = RobertaTokenizer(vocab=str(raw / "vocab.json"), merges=str(raw / "merges.txt"))
+    assert tokenizer.is_fast and tokenizer.pad_token_id == 1
+    tokenizer.model_max_length = max_length
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=2 * hidden,
+                           max_position_embeddings=max_length + 2, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2, type_vocab_size=1)
+    torch.manual_seed(seed)
+    model = RobertaModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def small_id_config(**changes):
+    """A small DCNv2 (``IdModelConfig``) for fast tests."""
+    from flip.config import IdModelConfig
+
+    base = dict(name="dcnv2", embedding_dim=8, dnn_hidden_units=[32, 16], dropout=0.0, cross_layers=1,
+                low_rank=4, num_experts=2)
+    base.update(changes)
+    return IdModelConfig(**base)
+
+
+# --------------------------------------------------------------------- a synthetic processed dataset
+def write_synthetic(root: Path, rows: int, **synthetic: Any) -> Path:
+    """``flip preprocess`` of the synthetic source (``rows`` rows, other ``data.synthetic`` keys as given)
+    into ``root/processed/synthetic``; returns that directory."""
+    from flip.config import config_from_dict
+    from flip.data.preprocess import preprocess
+
+    data = root / "processed" / "synthetic"
+    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": rows, **synthetic}}}),
+               root / "raw", data, progress=False)
+    return data
+
+
+def write_tiny_bert_for(directory: Path, data: Path, texts: int, dropout: bool = True) -> Path:
+    """A tiny BERT whose vocabulary holds the words of the first ``texts`` training texts of ``data``
+    (``dropout=False``: hidden and attention dropout 0, for exact comparisons)."""
+    from flip.data.tensors import load_text
+
+    bert = make_tiny_bert(directory, corpus=load_text(data, "train")[0][:texts])
+    if not dropout:
+        config = json.loads((bert / "config.json").read_text())
+        config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        (bert / "config.json").write_text(json.dumps(config))
+    return bert

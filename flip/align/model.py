@@ -121,9 +121,9 @@ class FlipPretrainModel(nn.Module):
                 [(int(f["offset"]), int(f["size"])) for f in fields],
                 joint=joint, loss=cfg.mtm_loss, noise=cfg.nce_noise, num_negatives=int(cfg.nce_negatives),
             )
-        # ``icl_head`` is not a PretrainConfig knob (yet): "linear" = the paper, "clip" = the authors' code
+        # ``pretrain.icl_head``: "linear" = the paper, "clip" = the authors' code
         self.icl = (IclObjective(text_dim, tab_dim, int(cfg.projection_dim), float(cfg.temperature), cfg.similarity,
-                                 head=getattr(cfg, "icl_head", "linear"))
+                                 head=cfg.icl_head)
                     if weights["icl"] > 0 else None)
         self.register_buffer("special_ids", torch.tensor(list(plm.special_token_ids), dtype=torch.long),
                              persistent=False)

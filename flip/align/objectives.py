@@ -38,9 +38,10 @@ ICL, Eq. 11 (``IclObjective``)
     z_text = W_t [CLS], z_tab = W_v v (two linear layers to ``projection_dim``, as in the paper;
     ``head="clip"`` gives the authors' residual MLP heads ending in a LayerNorm). Symmetric
     InfoNCE at temperature τ with dot-product similarity (paper) or cosine (option). Under ``torch.distributed`` the negatives are gathered
-    from all ranks: the local block keeps its gradient, other ranks' blocks are constants (as in
-    the authors' code and open_clip's default); each rank averages over its own rows and DDP
-    averages the gradients, so the loss is the global-batch InfoNCE with a partial gradient.
+    from all ranks with an autograd all-gather (``_gather_keep_local``): every rank's block carries
+    its gradient back to its rank (the authors' code and open_clip's default keep only the local
+    block's); with each rank's loss scaled by ``world · n_local / n_global`` and DDP's gradient
+    average, N ranks compute the gradient of one process on the global batch.
 
 "w/o joint reconstruction" (``joint=False``): MLM predicts the masked tokens from ŵ alone (the
 head's v input is removed) and MTM reconstructs from v̂ alone (no cross-attention; the field
@@ -55,9 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flip.align.masking import IGNORE_INDEX
 from flip.errors import SettingError
 
-IGNORE_INDEX = -100
 NOISE_FLOOR = 1e-10  # q(j) is clamped here (then renormalised): ids never seen in training
 
 

@@ -21,7 +21,7 @@ from flip.config import Config
 from flip.data.datadocs import make_offline
 from flip.data.preprocess import split_sizes
 from flip.data.schemas import validate_processed
-from flip.data.tensors import load_meta
+from flip.data.tensors import id_like_fields, load_meta
 from flip.errors import DataError
 from flip.io import atomic_dir, write_json
 
@@ -32,8 +32,6 @@ PUBLISHED_TOTAL = {"movielens-1m": 739_012, "bookcrossing": 1_031_171, "goodread
 def _suite(gx: Any, name: str, meta: dict[str, Any], cfg: Config, split: str,
            time_band: tuple[int, int] | None = None) -> Any:
     import great_expectations.expectations as gxe
-
-    from flip.evaluate.monitoring import id_like_fields
 
     fields = meta["fields"]
     ids = set(id_like_fields(meta))

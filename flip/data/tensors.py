@@ -38,6 +38,16 @@ def field_names(meta: dict[str, Any]) -> list[str]:
     return [f["name"] for f in meta["fields"]]
 
 
+def id_like_fields(meta: dict[str, Any]) -> list[str]:
+    """Fields whose values are identifiers rather than attributes: the user and item fields, and any
+    field with more than max(100, rows/200) training values (zip codes, titles). A chronological
+    window always "drifts" on them (new users and items arrive), so they do not count as drift."""
+    rows = int(meta["counts"]["train"])
+    limit = max(100, rows // 200)
+    named = {meta.get("user_field"), meta.get("item_field")}
+    return [f["name"] for f in meta["fields"] if f["name"] in named or int(f["train_values"]) > limit]
+
+
 @dataclass
 class TabularSplit:
     """One split as tensors: ``x`` (N, F) int64 global feature ids, ``y`` (N,) float32 labels."""

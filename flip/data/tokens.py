@@ -44,6 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from flip.io import file_sha256
+
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("input_ids", "attention_mask", "field_tok_start", "field_tok_end")
 
@@ -139,14 +141,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         "padding_side": getattr(tokenizer, "padding_side", "right"),
     }
     return hashlib.sha256((text + json.dumps(extra, sort_keys=True)).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(split_file: Path, tokenizer: Any, max_length: int) -> str:

@@ -49,7 +49,7 @@ def best_seed_run(run: Path) -> tuple[Path, dict[str, Any]]:
 
 def package(run: Path, data_dir: Path, out: Path, *, name: str = "", pretrained: Path | None = None) -> dict[str, Any]:
     """Write the bundle of ``run`` (its best seed) to ``out``; returns ``model.json``'s content."""
-    from flip.train.finetune import get_strategy
+    from flip.strategies import get_strategy
 
     seed_dir, metrics = best_seed_run(run)
     config = read_json(seed_dir / "config.json")
@@ -97,7 +97,9 @@ def package(run: Path, data_dir: Path, out: Path, *, name: str = "", pretrained:
 
 
 def _plm_source(config: dict[str, Any], pretrained: Path | None, strategy: str) -> Path:
-    if strategy in ("flip", "flip_plm"):
+    from flip.strategies import STRATEGIES
+
+    if STRATEGIES[strategy].pretrained_plm:
         if pretrained is None or not (Path(pretrained) / "plm").exists():
             raise FlipError(f"packaging a {strategy} run needs the pretraining run it started from. "
                             "Fix: pass --pretrained models/pretrain.")
@@ -148,7 +150,7 @@ def load_bundle(path: Path) -> Bundle:
 
     tokenizer = None
     if info["uses_plm"]:
-        from flip.train.strategies import FlipModel, PlmClassifier
+        from flip.models.fusion import FlipModel, PlmClassifier
 
         plm, tokenizer = _plm_from_config(path / "plm", cfg)
         if info["uses_id"]:

@@ -31,10 +31,9 @@ import numpy as np
 from flip.config import Config
 from flip.errors import FlipError
 from flip.io import atomic_dir, read_json, write_json
+from flip.strategies import REPORT_ORDER, STRATEGIES
 
-STRATEGY_ORDER = ["scratch", "flip_id", "plm_scratch", "flip_plm", "flip"]
-USES_PLM = {"plm_scratch", "flip_plm", "flip"}  # strategies with a language model in the scored model
-PLM_ONLY = {"plm_scratch", "flip_plm"}  # ... and those without an ID model
+STRATEGY_ORDER = list(REPORT_ORDER)
 BASELINE = "scratch"
 # paired comparisons written to eval.json: (strategy, against) -> key
 COMPARISONS = {("flip", "flip_id"): "delta_vs_flip_id"}
@@ -87,10 +86,11 @@ def run_settings(run: Path, seeds: dict[str, Path]) -> dict[str, Any]:
         "selected": {"lr": f.get("lr"), "plm_lr": f.get("plm_lr")}, "grid": None}
     epochs = [read_json(d / "metrics.json").get("train", {}).get("epochs") for d in seeds.values()]
     run_json = read_json(first / "run.json") if (first / "run.json").exists() else {}
-    uses_plm = run.name in USES_PLM
+    strategy = STRATEGIES.get(run.name)
+    uses_plm, uses_id = (strategy.uses_plm, strategy.uses_id) if strategy else (False, True)
     return {"train_rows": start.get("n_train"), "batch_size": start.get("batch_size"), "epochs_run": epochs,
             "max_epochs": f.get("plm_epochs") or f.get("epochs") if uses_plm else f.get("epochs"),
-            "id_model": None if run.name in PLM_ONLY else config.get("id_model", {}).get("name"),
+            "id_model": config.get("id_model", {}).get("name") if uses_id else None,
             "plm": config.get("plm", {}).get("name") if uses_plm else None,
             "pretrained": run_json.get("pretrained"), "selection": selection, "seeds": list(seeds)}
 

@@ -80,16 +80,6 @@ def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, sli
     return summary
 
 
-def id_like_fields(meta: dict[str, Any]) -> list[str]:
-    """Fields whose values are identifiers rather than attributes: the user and item fields, and any
-    field with more than max(100, rows/200) training values (zip codes, titles). A chronological
-    window always "drifts" on them (new users and items arrive), so they do not count as drift."""
-    rows = int(meta["counts"]["train"])
-    limit = max(100, rows // 200)
-    named = {meta.get("user_field"), meta.get("item_field")}
-    return [f["name"] for f in meta["fields"] if f["name"] in named or int(f["train_values"]) > limit]
-
-
 def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *, drift_share: float,
                  target_drift: float, max_rows: int = 20_000, seed: int = 0, stem: str = "window_drift",
                  html: bool = True) -> dict[str, Any]:
@@ -99,6 +89,8 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
     column. Writes ``<stem>.json`` (and ``<stem>.html`` with ``html``) into ``out_dir``."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
+
+    from flip.data.tensors import id_like_fields
 
     fields = [f["name"] for f in meta["fields"]]
     ids = id_like_fields(meta)

@@ -14,38 +14,24 @@ part of ``v``. ``dnn_hidden_units`` and ``batch_norm`` are not used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from flip.models.layers import AttentionPooling, Dropout, IdModel, LogisticRegression, PairwiseProduct, init_weights
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
+from flip.models.layers import AttentionPooling, Dropout, IdModel, LogisticRegression, PairwiseProduct
 
 
 class AFM(IdModel):
-    def __init__(
+    def build(
         self,
-        num_fields: int,
-        vocab_size: int,
-        embedding_dim: int = 32,
+        *,
         dropout: float = 0.1,
         afm_attention_dim: int = 16,
-    ) -> None:
-        super().__init__(num_fields, vocab_size, embedding_dim)
-        self.first_order = LogisticRegression(vocab_size)
-        self.pairs = PairwiseProduct(num_fields)
-        self.attention = AttentionPooling(embedding_dim, afm_attention_dim)
+    ) -> int:
+        self.first_order = LogisticRegression(self.vocab_size)
+        self.pairs = PairwiseProduct(self.num_fields)
+        self.attention = AttentionPooling(self.embedding_dim, afm_attention_dim)
         self.dropout = Dropout(dropout)
-        self.output_dim = embedding_dim
-        self.fc = nn.Linear(self.output_dim, 1)
-        self.apply(init_weights)
-
-    @classmethod
-    def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "AFM":
-        return cls(num_fields, vocab_size, cfg.embedding_dim, cfg.dropout, cfg.afm_attention_dim)
+        return self.embedding_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pairs(self.embed(x))  # (B, P, d)

@@ -19,43 +19,26 @@ as the logarithmic network, not a second one: FLIP aligns one table. No first-or
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from flip.models.layers import MLP, IdModel, LogTransform, init_weights
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
+from flip.models.layers import MLP, IdModel, LogTransform
 
 
 class AFN(IdModel):
-    def __init__(
+    def build(
         self,
-        num_fields: int,
-        vocab_size: int,
-        embedding_dim: int = 32,
+        *,
         dnn_hidden_units: Sequence[int] = (300, 300, 128),
         dropout: float = 0.1,
         batch_norm: bool = False,
         afn_log_neurons: int = 400,
-        ensemble_dnn: bool = False,
-    ) -> None:
-        super().__init__(num_fields, vocab_size, embedding_dim)
-        self.log_transform = LogTransform(num_fields, afn_log_neurons)
-        self.dnn = MLP(afn_log_neurons * embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
-        self.ensemble = MLP(num_fields * embedding_dim, list(dnn_hidden_units), dropout, batch_norm) if ensemble_dnn else None
-        self.output_dim = self.dnn.output_dim + (self.ensemble.output_dim if self.ensemble is not None else 0)
-        self.fc = nn.Linear(self.output_dim, 1)
-        self.apply(init_weights)
-
-    @classmethod
-    def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "AFN":
-        return cls(
-            num_fields, vocab_size, cfg.embedding_dim, cfg.dnn_hidden_units, cfg.dropout, cfg.batch_norm,
-            cfg.afn_log_neurons, cfg.afn_ensemble_dnn,
-        )
+        afn_ensemble_dnn: bool = False,
+    ) -> int:
+        self.log_transform = LogTransform(self.num_fields, afn_log_neurons)
+        self.dnn = MLP(afn_log_neurons * self.embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
+        self.ensemble = MLP(self.num_fields * self.embedding_dim, list(dnn_hidden_units), dropout, batch_norm) if afn_ensemble_dnn else None
+        return self.dnn.output_dim + (self.ensemble.output_dim if self.ensemble is not None else 0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embed(x)  # (B, F, d)

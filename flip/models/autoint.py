@@ -13,45 +13,29 @@ to the attention weights. No first-order term.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from flip.models.layers import IdModel, MultiHeadSelfAttention, init_weights
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
+from flip.models.layers import IdModel, MultiHeadSelfAttention
 
 
 class AutoInt(IdModel):
-    def __init__(
+    def build(
         self,
-        num_fields: int,
-        vocab_size: int,
-        embedding_dim: int = 32,
+        *,
         dropout: float = 0.1,
         attention_layers: int = 3,
         attention_heads: int = 2,
         attention_dim: int = 64,
-    ) -> None:
-        super().__init__(num_fields, vocab_size, embedding_dim)
+    ) -> int:
         self.attention = nn.Sequential(
             *(
-                MultiHeadSelfAttention(embedding_dim if i == 0 else attention_dim, attention_dim, attention_heads, dropout)
+                MultiHeadSelfAttention(self.embedding_dim if i == 0 else attention_dim, attention_dim, attention_heads, dropout)
                 for i in range(attention_layers)
             )
         )
-        self.output_dim = num_fields * (attention_dim if attention_layers else embedding_dim)
-        self.fc = nn.Linear(self.output_dim, 1)
-        self.apply(init_weights)
-
-    @classmethod
-    def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "AutoInt":
-        return cls(
-            num_fields, vocab_size, cfg.embedding_dim, cfg.dropout, cfg.attention_layers, cfg.attention_heads,
-            cfg.attention_dim,
-        )
+        return self.num_fields * (attention_dim if attention_layers else self.embedding_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attention(self.embed(x))  # (B, F, A)

@@ -15,23 +15,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from flip.models.layers import MLP, CrossNetMix, CrossNetV2, IdModel, init_weights
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
+from flip.models.layers import MLP, CrossNetMix, CrossNetV2, IdModel
 
 
 class DCNv2(IdModel):
-    def __init__(
+    def build(
         self,
-        num_fields: int,
-        vocab_size: int,
-        embedding_dim: int = 32,
+        *,
         dnn_hidden_units: Sequence[int] = (300, 300, 128),
         dropout: float = 0.1,
         batch_norm: bool = False,
@@ -39,24 +32,14 @@ class DCNv2(IdModel):
         low_rank_mixture: bool = True,
         low_rank: int = 32,
         num_experts: int = 4,
-    ) -> None:
-        super().__init__(num_fields, vocab_size, embedding_dim)
-        D = num_fields * embedding_dim
+    ) -> int:
+        D = self.num_fields * self.embedding_dim
         if low_rank_mixture:
             self.cross = CrossNetMix(D, cross_layers, low_rank, num_experts)
         else:
             self.cross = CrossNetV2(D, cross_layers)
         self.dnn = MLP(D, list(dnn_hidden_units), dropout, batch_norm)
-        self.output_dim = D + self.dnn.output_dim
-        self.fc = nn.Linear(self.output_dim, 1)
-        self.apply(init_weights)
-
-    @classmethod
-    def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "DCNv2":
-        return cls(
-            num_fields, vocab_size, cfg.embedding_dim, cfg.dnn_hidden_units, cfg.dropout, cfg.batch_norm,
-            cfg.cross_layers, cfg.low_rank_mixture, cfg.low_rank, cfg.num_experts,
-        )
+        return D + self.dnn.output_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.embed(x).flatten(1)  # (B, D)

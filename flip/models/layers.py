@@ -14,7 +14,9 @@ Layers that own raw ``nn.Parameter`` tensors initialise them themselves.
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,11 @@ def init_weights(module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------ base model
+# The prediction layer of an IdModel (``fc``, and ``first_order`` where the model has one): pretraining
+# leaves it untrained (frozen) and finetuning starts it fresh.
+HEAD_MODULES = ("fc", "first_order")
+
+
 class IdModel(nn.Module):
     """Common base of the ID-based CTR models.
 
@@ -63,7 +70,7 @@ class IdModel(nn.Module):
     output_dim: int
     fc: nn.Linear
 
-    def __init__(self, num_fields: int, vocab_size: int, embedding_dim: int) -> None:
+    def __init__(self, num_fields: int, vocab_size: int, embedding_dim: int = 32, **options: Any) -> None:
         super().__init__()
         if num_fields < 1 or vocab_size < 2 or embedding_dim < 1:
             raise ValueError(
@@ -75,6 +82,27 @@ class IdModel(nn.Module):
         self.embedding_dim = embedding_dim
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.first_order: LogisticRegression | None = None
+        self.output_dim = self.build(**options)
+        self.fc = nn.Linear(self.output_dim, 1)
+        self.apply(init_weights)
+
+    def build(self, **options: Any) -> int:
+        """Create the model's layers after the embedding table (keyword-only ``options``, named as the
+        ``IdModelConfig`` keys they come from); return ``output_dim``. The base class then adds the
+        prediction layer ``fc`` and initialises every weight (:func:`init_weights`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The keyword options of :meth:`build`."""
+        params = inspect.signature(cls.build).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+    @classmethod
+    def from_config(cls, cfg: Any, num_fields: int, vocab_size: int) -> "IdModel":
+        """The model of an ``IdModelConfig``: every option of :meth:`build` that is a config key, by name."""
+        options = {name: getattr(cfg, name) for name in cls.options() if hasattr(cfg, name)}
+        return cls(num_fields, vocab_size, embedding_dim=cfg.embedding_dim, **options)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) ids -> (B, F, d): one lookup for all fields."""

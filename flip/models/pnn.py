@@ -14,43 +14,29 @@ IPNN used by FuxiCTR and the FLIP paper; OPNN is available through the construct
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from flip.models.layers import MLP, IdModel, InnerProduct, OuterProduct, init_weights
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
+from flip.models.layers import MLP, IdModel, InnerProduct, OuterProduct
 
 
 class PNN(IdModel):
-    def __init__(
+    def build(
         self,
-        num_fields: int,
-        vocab_size: int,
-        embedding_dim: int = 32,
+        *,
         dnn_hidden_units: Sequence[int] = (300, 300, 128),
         dropout: float = 0.1,
         batch_norm: bool = False,
         product_type: str = "inner",
-    ) -> None:
-        super().__init__(num_fields, vocab_size, embedding_dim)
+    ) -> int:
         if product_type == "inner":
-            self.product = InnerProduct(num_fields)
+            self.product = InnerProduct(self.num_fields)
         elif product_type == "outer":
-            self.product = OuterProduct(embedding_dim)
+            self.product = OuterProduct(self.embedding_dim)
         else:
             raise ValueError(f"product_type must be 'inner' or 'outer', got {product_type!r}")
-        self.dnn = MLP(num_fields * embedding_dim + self.product.output_dim, list(dnn_hidden_units), dropout, batch_norm)
-        self.output_dim = self.dnn.output_dim
-        self.fc = nn.Linear(self.output_dim, 1)
-        self.apply(init_weights)
-
-    @classmethod
-    def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "PNN":
-        return cls(num_fields, vocab_size, cfg.embedding_dim, cfg.dnn_hidden_units, cfg.dropout, cfg.batch_norm)
+        self.dnn = MLP(self.num_fields * self.embedding_dim + self.product.output_dim, list(dnn_hidden_units), dropout, batch_norm)
+        return self.dnn.output_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embed(x)  # (B, F, d)

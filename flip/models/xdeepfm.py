@@ -14,42 +14,25 @@ added in ``forward`` and is not part of ``v``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from flip.models.layers import CIN, MLP, IdModel, LogisticRegression, init_weights
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
+from flip.models.layers import CIN, MLP, IdModel, LogisticRegression
 
 
 class XDeepFM(IdModel):
-    def __init__(
+    def build(
         self,
-        num_fields: int,
-        vocab_size: int,
-        embedding_dim: int = 32,
+        *,
         dnn_hidden_units: Sequence[int] = (300, 300, 128),
         dropout: float = 0.1,
         batch_norm: bool = False,
         cin_layer_units: Sequence[int] = (128, 128),
-    ) -> None:
-        super().__init__(num_fields, vocab_size, embedding_dim)
-        self.first_order = LogisticRegression(vocab_size)
-        self.cin = CIN(num_fields, list(cin_layer_units))
-        self.dnn = MLP(num_fields * embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
-        self.output_dim = self.cin.output_dim + self.dnn.output_dim
-        self.fc = nn.Linear(self.output_dim, 1)
-        self.apply(init_weights)
-
-    @classmethod
-    def from_config(cls, cfg: IdModelConfig, num_fields: int, vocab_size: int) -> "XDeepFM":
-        return cls(
-            num_fields, vocab_size, cfg.embedding_dim, cfg.dnn_hidden_units, cfg.dropout, cfg.batch_norm,
-            cfg.cin_layer_units,
-        )
+    ) -> int:
+        self.first_order = LogisticRegression(self.vocab_size)
+        self.cin = CIN(self.num_fields, list(cin_layer_units))
+        self.dnn = MLP(self.num_fields * self.embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
+        return self.cin.output_dim + self.dnn.output_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embed(x)  # (B, F, d)

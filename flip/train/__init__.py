@@ -1,15 +1,10 @@
-"""Training: the generic loop (``loop``) and CTR finetuning strategies (``finetune``)."""
+"""Training: the generic loop (``loop``), CTR finetuning (``finetune``: the entry point; ``ctr``: its
+building blocks; ``strategies``: how each strategy of ``flip.strategies`` is built) and pretraining
+(``pretrain``)."""
 
-from flip.train.finetune import (
-    CtrData,
-    TabularTask,
-    available_strategies,
-    finetune,
-    get_strategy,
-    load_ctr_data,
-    make_optimizer,
-    register_strategy,
-)
+from flip.strategies import Strategy, get_strategy
+from flip.train.ctr import CtrData, TabularTask, load_ctr_data, make_optimizer
+from flip.train.finetune import finetune
 from flip.train.loop import EvalSet, LoopSettings, SimulatedCrash, Task, aggregate_seeds, fit, run_seeds
 
 __all__ = [
@@ -17,15 +12,14 @@ __all__ = [
     "EvalSet",
     "LoopSettings",
     "SimulatedCrash",
+    "Strategy",
     "TabularTask",
     "Task",
     "aggregate_seeds",
-    "available_strategies",
     "finetune",
     "fit",
     "get_strategy",
     "load_ctr_data",
     "make_optimizer",
-    "register_strategy",
     "run_seeds",
 ]

@@ -47,7 +47,6 @@ as a kill at that point would.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -68,28 +67,10 @@ from flip.evaluate.metrics import auc as auc_score
 from flip.evaluate.metrics import logloss as logloss_score
 from flip.io import atomic_dir, atomic_file, read_json, write_json
 from flip.progress import note, progress
+from flip.train.identity import flatten
 
 CHECKPOINT_VERSION = 1
 CRASH_ENV = "FLIP_CRASH_AFTER_STEPS"
-
-# Config keys that do not change what a run computes: a finished run or a checkpoint made under
-# different values of these is still reused.
-NON_SEMANTIC_KEYS = (
-    "run.seeds",  # the seed of a run is part of its fingerprint separately
-    "run.progress",
-    "run.threads",
-    "run.device",
-    "run.checkpoint_every",
-    "data.mirror",
-    "data.raw_dir",
-    "data.processed_dir",
-    "preprocess.memory_limit",
-    "preprocess.threads",
-    "validate",
-    "schedule",
-    "retrain",
-)
-
 
 class SimulatedCrash(RuntimeError):
     """Raised by :func:`fit` when ``FLIP_CRASH_AFTER_STEPS`` asks for a simulated kill."""
@@ -184,17 +165,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in flat.items():
@@ -204,29 +174,6 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
-
-
-def config_fingerprint(config: dict[str, Any], seed: int, extra: dict[str, Any] | None = None) -> str:
-    """sha256 over the config keys that change results, the seed and ``extra`` (e.g. the dataset)."""
-    flat = {
-        k: v
-        for k, v in _flatten(config).items()
-        if not any(k == n or k.startswith(n + ".") for n in NON_SEMANTIC_KEYS)
-    }
-    payload = json.dumps({"config": flat, "seed": seed, "extra": extra or {}}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def dataset_fingerprint(dataset_dir: str | Path) -> dict[str, Any]:
-    """Cheap identity of a processed dataset: sha256 of ``meta.json`` and the split file sizes."""
-    d = Path(dataset_dir)
-    if not (d / "meta.json").exists():
-        from flip.data.tensors import load_meta
-
-        load_meta(d)  # the one-paragraph "not a processed dataset" error
-    meta = hashlib.sha256((d / "meta.json").read_bytes()).hexdigest()
-    sizes = {p.name: p.stat().st_size for p in sorted(d.glob("*.parquet"))}
-    return {"meta_sha256": meta, "sizes": sizes}
 
 
 def finished_metrics(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -371,7 +318,7 @@ def fit(
     """Train one seed in ``out_dir`` (resuming or recognising a finished run) and return metrics.
 
     ``build_task`` is called after seeding, so model initialisation follows the seed. ``config``
-    is written to ``config.json``; ``fingerprint`` (see :func:`config_fingerprint`) identifies the
+    is written to ``config.json``; ``fingerprint`` (see :func:`flip.train.identity.config_fingerprint`) identifies the
     run for resuming and for recognising a finished one; ``info`` goes into ``run.json``.
     """
     out = Path(out_dir)
@@ -677,7 +624,7 @@ def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if not per_seed:
         raise ValueError("no seeds to aggregate")
     seeds = list(per_seed)
-    flats = {s: _flatten(m) for s, m in per_seed.items()}
+    flats = {s: flatten(m) for s, m in per_seed.items()}
     keys = [k for k, v in flats[seeds[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     mean, std = {}, {}
     for key in keys:

@@ -47,12 +47,11 @@ Distributed (torchrun)
     * each objective's local loss is rescaled by ``W * n_local / n_global`` (n = masked tokens
       for MLM, masked fields for MTM, rows for ICL), so that DDP's gradient average equals the
       gradient of the global-batch mean;
-    * ICL negatives are all-gathered across ranks by ``flip.align.objectives`` (the other ranks'
-      blocks carry no gradient, as in the authors' code: the ICL gradient is a partial one, so
-      only MLM/MTM gradients match a single process exactly). CAUTION: with the paper's
-      dot-product similarity this partial gradient made ICL diverge on 2 ranks (tiny models; see
-      ``tests/train/test_ddp.py``); an autograd all_gather there (``torch.distributed.nn.
-      functional.all_gather``) makes the ICL gradient exact too, with the scaling below;
+    * ICL negatives are all-gathered across ranks by ``flip.align.objectives`` with an autograd
+      all-gather (every rank's block carries its gradient), so with the scaling above the ICL
+      gradient matches a single process too (the authors' code keeps only the local block's
+      gradient; with the paper's dot-product similarity that partial gradient made ICL diverge on
+      2 ranks, ``tests/train/test_ddp.py``);
     * dropout draws differ per rank (each rank's RNG is offset after model initialisation).
 
     Only rank 0 writes ``OUT``; rank ``r > 0`` runs the loop in ``OUT/.rank-r`` (its own
@@ -94,7 +93,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,16 +101,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip.align.model import FlipPretrainModel, load_feature_counts, pretrain_batch
+from flip.align.masking import IGNORE_INDEX
+from flip.align.model import OBJECTIVES, FlipPretrainModel, load_feature_counts, pretrain_batch
 from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.io import atomic_file, read_json, write_json
+from flip.models.layers import HEAD_MODULES
+from flip.train.identity import pretrain_fingerprint
 from flip.train.loop import (
     LoopSettings,
     Task,
-    config_fingerprint,
-    dataset_fingerprint,
     finished_metrics,
     fit,
     resolve_device,
@@ -127,18 +126,13 @@ __all__ = [
     "flops_per_sample",
     "init_distributed",
     "load_pretrain_data",
-    "plm_identity",
     "pretrain",
-    "pretrain_fingerprint",
     "pretrain_settings",
 ]
 
-OBJECTIVES = ("mlm", "mtm", "icl")
 # per-batch statistics kept by the task, in this order
 STAT_KEYS = ("loss", "mlm", "mtm", "icl", "mlm_acc", "mtm_acc", "icl_acc", "mlm_tokens", "mtm_fields")
 RECENT = 50  # "final" losses = mean over the last RECENT batches
-HEAD_MODULES = ("fc", "first_order", "lr")  # parts of an IdModel that pretraining does not train
-SECTIONS = ("id_model", "plm", "pretrain", "run")  # the config sections that change a pretraining run
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -521,7 +515,7 @@ class PretrainTask(Task):
             return W * local.float() / total.float().clamp_min(1.0)
 
         if "mlm_labels" in masks:
-            scales["mlm"] = ratio((local_masks["mlm_labels"] != -100).sum(), (masks["mlm_labels"] != -100).sum())
+            scales["mlm"] = ratio((local_masks["mlm_labels"] != IGNORE_INDEX).sum(), (masks["mlm_labels"] != IGNORE_INDEX).sum())
         if "tab_fields" in masks:
             scales["mtm"] = ratio(local_masks["tab_fields"].sum(), masks["tab_fields"].sum())
         scales["icl"] = ratio(torch.tensor(rows, device=dev), torch.tensor(B, device=dev))
@@ -637,7 +631,7 @@ def _nothing_masked(batch: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
             out[key] = torch.zeros_like(out[key])
     if "masked_ids" in out:
         out["masked_ids"] = batch["input_ids"].clone()
-        out["mlm_labels"] = torch.full_like(out["mlm_labels"], -100)
+        out["mlm_labels"] = torch.full_like(out["mlm_labels"], IGNORE_INDEX)
     if "x_masked" in out:
         out["x_masked"] = batch["x"].clone()
     return out
@@ -682,50 +676,6 @@ def pretrain_settings(cfg: Config, device: torch.device, n_train: int, ctx: Dist
         grad_accum=max(1, p.grad_accum),
         log_every=max(1, min(50, total * max(1, p.grad_accum) // 100)),
     )
-
-
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, memoised per (path, size, mtime) within the process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-        _HASH_MEMO[key] = h.hexdigest()
-    return _HASH_MEMO[key]
-
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "tokenizer.json",
-                "vocab.txt", "config.json")
-
-
-def plm_identity(name: str) -> dict[str, Any]:
-    """What identifies a language model: for a local directory the SHA-256 of its weight, config and
-    tokenizer files; for a hub id / alias, the resolved name."""
-    from flip.models.plm import resolve_plm_name
-
-    resolved = resolve_plm_name(name)
-    path = Path(resolved)
-    if not path.is_dir():
-        return {"name": resolved}
-    files = {f: file_sha256(path / f) for f in WEIGHT_FILES if (path / f).is_file()}
-    files.update({p.name: file_sha256(p) for p in sorted(path.glob("model-*.safetensors"))})
-    return {"files": files}
-
-
-def pretrain_fingerprint(cfg: Config, dataset_dir: str | Path, seed: int, world: int = 1) -> str:
-    """Identity of a pretraining run: the id_model/plm/pretrain/run sections (not the token cache
-    location), the dataset, the language model's files, the seed and the number of ranks."""
-    tree = {k: v for k, v in cfg.to_dict().items() if k in SECTIONS}
-    tree["plm"] = {k: v for k, v in tree["plm"].items() if k != "cache_dir"}
-    extra = {"stage": "pretrain", "dataset": dataset_fingerprint(dataset_dir), "plm": plm_identity(cfg.plm.name),
-             "world_size": int(world)}
-    return config_fingerprint(tree, seed, extra)
 
 
 def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:

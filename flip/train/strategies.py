@@ -1,45 +1,45 @@
-"""FLIP's finetuning strategies (paper §3.4, Eq. 13-15), registered with ``flip.train.finetune``.
+"""How each finetuning strategy is built (paper §3.4, Eq. 13-15); the table is ``flip.strategies``.
 
     flip finetune -S finetune.strategy=flip --pretrained models/pretrain
 
-Each strategy is a builder ``build(cfg, data, device, pretrained) -> Task`` run by the generic loop
-(validation-AUC early stopping, test scored once with the best weights, deterministic, resumable).
-``pretrained`` is a ``flip pretrain`` run directory (``flip.train.pretrain`` documents its
-layout); a strategy that needs one and does not get it raises :class:`~flip.errors.FlipError`
-saying to run ``flip pretrain`` first or pass ``--pretrained DIR``. Every strategy fingerprints
-the weights it starts from (SHA-256 of the files), so a changed pretraining invalidates finished
+Each strategy is a builder ``build(cfg, data, device, pretrained) -> Task`` (named by its row of
+``flip.strategies.STRATEGIES``) run by the generic loop (validation-AUC early stopping, test scored
+once with the best weights, deterministic, resumable), made of the blocks of ``flip.train.ctr``.
+``pretrained`` is a ``flip pretrain`` run directory (``flip.train.pretrain`` documents its layout); a
+strategy that needs one and does not get it raises :class:`~flip.errors.FlipError` saying to run
+``flip pretrain`` first or pass ``--pretrained DIR``. Every strategy fingerprints the weights it starts
+from (:func:`strategy_fingerprint`: SHA-256 of the files), so a changed pretraining invalidates finished
 finetuning runs.
 
+``scratch``
+    An ID model from ``flip.models.build_id_model`` trained from random initialisation (the "w/o
+    FLIP" baseline of the paper): ``TabularTask`` (BCE + lookup-L2 on embeddings), Adam (or AdamW
+    when ``finetune.optimizer == "adamw"``) with ``finetune.lr`` and ``finetune.weight_decay``.
 ``flip_id``
     The ID model with the pretrained ID tower (every weight except the prediction layer ``fc``
     and a first-order term, which pretraining never trains: they are fresh, i.e. a new
-    Linear_ID, Eq. 13), trained exactly like ``scratch`` (``TabularTask``: same optimizer, BCE,
-    lookup-L2 on embeddings). Its ``model.safetensors`` is a plain ID model: it serves at the ID
-    model's cost.
+    Linear_ID, Eq. 13), trained exactly like ``scratch``. Its ``model.safetensors`` is a plain ID
+    model: it serves at the ID model's cost.
 ``flip_plm``
-    The aligned language model (``pretrained/plm``) + a fresh Linear on [CLS] (Eq. 13), mean BCE,
-    AdamW at ``finetune.plm_lr`` (paper / authors' code: 5e-5) with ``finetune.weight_decay``.
+    The aligned language model (``pretrained/plm``) + a fresh Linear on [CLS] (Eq. 13,
+    ``flip.models.fusion.PlmClassifier``), mean BCE, AdamW at ``finetune.plm_lr`` (paper / authors'
+    code: 5e-5) with ``finetune.weight_decay``.
 ``plm_scratch``
     The same on the ORIGINAL language model ``cfg.plm.name`` (the PLM-based baseline; no
     ``pretrained`` needed).
 ``flip``
-    Both pretrained towers; ``ŷ = σ(α·logit_ID(v) + (1−α)·logit_PLM(w))`` with α a learnable
-    scalar initialised to ``finetune.alpha_init`` and left unconstrained (the authors: 0, no
-    clamp). Loss (Eq. 15) = BCE(ŷ) + BCE(ŷ_ID) + BCE(ŷ_PLM) + ``l2_embedding`` lookup-L2 (as
-    ``scratch``). Two learning rates: the PLM encoder at ``finetune.plm_lr``, everything else
-    (ID tower, both heads, α) at ``finetune.lr``, with ``finetune.optimizer``. Validation and
-    test score ŷ. The final α is reported by :meth:`FlipTask.summary` (``alpha``) and stored in
-    ``model.safetensors`` (key ``alpha``).
+    Both pretrained towers (``flip.models.fusion.FlipModel``); ``ŷ = σ(α·logit_ID(v) + (1−α)·logit_PLM(w))``
+    with α a learnable scalar initialised to ``finetune.alpha_init`` and left unconstrained (the
+    authors: 0, no clamp). Loss (Eq. 15) = BCE(ŷ) + BCE(ŷ_ID) + BCE(ŷ_PLM) + ``l2_embedding``
+    lookup-L2 (as ``scratch``). Two learning rates: the PLM encoder at ``finetune.plm_lr``,
+    everything else (ID tower, both heads, α) at ``finetune.lr``, with ``finetune.optimizer``.
+    Validation and test score ŷ. The final α is reported by :meth:`FlipTask.summary` (``alpha``)
+    and stored in ``model.safetensors`` (key ``alpha``).
 
-Text batches come from the cached ``TokenizedSplit`` of each split (``flip.data.tokens``; the
-tokenizer of the language model used, ``plm.max_length``, ``plm.cache_dir``), trimmed to the
-batch's longest row; evaluation runs in chunks (``EVAL_CHUNK``) whatever ``eval_batch_size`` is.
-Training and the PLM forward run under bf16 autocast where ``finetune.precision`` asks for it
-(:mod:`flip.train.precision`; auto = where the hardware does bf16 natively). The ID-model
-configuration must equal the pretraining run's (else the weights would not fit): a mismatch is an
-error naming the keys.
+The ID-model configuration must equal the pretraining run's (else the weights would not fit): a
+mismatch is an error naming the keys.
 
-Only torch, safetensors and the standard library are imported (transformers lazily).
+Only torch, safetensors, pyarrow and the standard library are imported (transformers lazily).
 """
 
 from __future__ import annotations
@@ -48,43 +48,41 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flip.config import Config
-from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import FlipError
-from flip.io import read_json
-from flip.train.finetune import CtrData, TabularTask, finetune_bf16, make_optimizer, register_strategy
+from flip.io import file_sha256, read_json
+from flip.models.fusion import FlipModel, PlmClassifier
+from flip.models.layers import HEAD_MODULES
+from flip.strategies import STRATEGIES, Strategy
+from flip.train.ctr import (
+    CtrData,
+    FlipTask,
+    PlmTask,
+    TabularTask,
+    finetune_bf16,
+    load_text_splits,
+    make_optimizer,
+)
+from flip.train.identity import plm_identity
 from flip.train.loop import Task
-from flip.train.precision import autocast, use_bf16
-from flip.train.pretrain import HEAD_MODULES, file_sha256, plm_identity
 
 __all__ = [
-    "EVAL_CHUNK",
-    "FlipModel",
-    "FlipTask",
-    "PlmClassifier",
-    "PlmTask",
     "build_flip",
     "build_flip_id",
     "build_flip_plm",
     "build_plm_scratch",
+    "build_scratch",
     "load_pretrained_id_model",
-    "load_text_splits",
     "pretrained_dir",
+    "pretrained_rows",
+    "remap_rows",
+    "strategy_fingerprint",
+    "vocabulary_map",
 ]
-
-EVAL_CHUNK = {"cuda": 1024, "cpu": 256}  # rows per PLM forward when scoring a split
-
-NEEDS = {  # files of a pretraining run each strategy reads
-    "flip_id": ("config.json", "id_model.safetensors", "dataset_meta.json"),
-    "flip_plm": ("config.json", "plm/config.json"),
-    "flip": ("config.json", "id_model.safetensors", "dataset_meta.json", "plm/config.json"),
-}
 
 
 # ---------------------------------------------------------------------------------- pretrained
@@ -94,7 +92,7 @@ def pretrained_dir(pretrained: str | Path | None, strategy: str) -> Path:
     if pretrained is None:
         raise FlipError(f"finetune.strategy={strategy} starts from a FLIP pretraining run, but none was given: {fix}.")
     d = Path(pretrained)
-    missing = [name for name in NEEDS[strategy] if not (d / name).exists()]
+    missing = [name for name in STRATEGIES[strategy].needs if not (d / name).exists()]
     if missing:
         raise FlipError(f"finetune.strategy={strategy}: {d} is not a finished pretraining run "
                         f"(missing {', '.join(missing)}): {fix}.")
@@ -178,144 +176,35 @@ def load_pretrained_id_model(model: nn.Module, pdir: Path, rows: torch.Tensor | 
     return fresh
 
 
-def _fingerprint_id(cfg: Config, pretrained: Path | None, strategy: str = "flip_id") -> dict[str, Any]:
-    pdir = pretrained_dir(pretrained, strategy)
-    _check_id_model(cfg, pdir)
-    return {"id_model": file_sha256(pdir / "id_model.safetensors")}
-
-
-def _fingerprint_plm(cfg: Config, pretrained: Path | None, strategy: str = "flip_plm") -> dict[str, Any]:
-    pdir = pretrained_dir(pretrained, strategy)
-    return {"plm": plm_identity(str(pdir / "plm"))}
-
-
-def _fingerprint_flip(cfg: Config, pretrained: Path | None) -> dict[str, Any]:
-    return {**_fingerprint_id(cfg, pretrained, "flip"), **_fingerprint_plm(cfg, pretrained, "flip")}
-
-
-def _fingerprint_plm_scratch(cfg: Config, pretrained: Path | None) -> dict[str, Any]:
-    return {"plm": plm_identity(cfg.plm.name)}
-
-
-# ----------------------------------------------------------------------------------------- text
-def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.device) -> dict[str, TokenizedSplit]:
-    """Tokenized train (its first ``len(data.train)`` rows)/valid/test on ``device``, from the cache."""
-    out: dict[str, TokenizedSplit] = {}
-    for split, tab in data.splits.items():
-        pos = data.positions.get(split)
-        rows = pos if pos is not None else np.arange(len(tab))  # only the rows used are tokenized
-        tokens = tokenize_split(data.dataset_dir, split, tokenizer, cfg.plm.max_length, cfg.plm.cache_dir,
-                                progress=cfg.run.progress, rows=rows)
-        if len(tokens) != len(tab):
-            raise ValueError(f"{data.dataset_dir}/{split}: {len(tokens)} tokenized rows for {len(tab)} rows")
-        out[split] = tokens.to(device)
-    return out
-
-
-# --------------------------------------------------------------------------------------- models
-class PlmClassifier(nn.Module):
-    """A ``PlmEncoder`` + ``Linear(D, 1)`` on its [CLS] state: ``(input_ids, mask) -> (B,)`` logits."""
-
-    def __init__(self, plm: nn.Module) -> None:
-        super().__init__()
-        self.plm = plm
-        self.head = nn.Linear(int(plm.hidden_size), 1)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.plm.sentence(self.plm(input_ids, attention_mask), attention_mask)).squeeze(-1)
-
-
-class FlipModel(nn.Module):
-    """Eq. 13-14: ``α·logit_ID(x) + (1−α)·logit_PLM(text)``; ``forward`` returns (joint, ID, PLM) logits.
-
-    ``logit_ID`` is the ID model's own forward (its ``fc`` = Linear_ID, plus a first-order term
-    where the model has one); ``logit_PLM = plm_head([CLS])``; ``alpha`` a learnable (1,) scalar.
-    """
-
-    def __init__(self, id_model: nn.Module, plm: nn.Module, alpha_init: float = 0.0) -> None:
-        super().__init__()
-        self.id_model = id_model
-        self.plm = plm
-        self.plm_head = nn.Linear(int(plm.hidden_size), 1)
-        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
-
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        logit_id = self.id_model(x).float()  # (B,)
-        logit_plm = self.plm_head(self.plm.sentence(self.plm(input_ids, attention_mask), attention_mask)).squeeze(-1).float()  # (B,)
-        alpha = self.alpha.float()
-        joint = alpha * logit_id + (1.0 - alpha) * logit_plm  # (B,)
-        return joint, logit_id, logit_plm
-
-
-# ----------------------------------------------------------------------------------------- tasks
-class _TextTaskBase(Task):
-    slow_scoring = True
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData,
-                 tokens: dict[str, TokenizedSplit], device: torch.device, bf16: bool, eval_batch_size: int) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = None
-        self.data = data
-        self.tokens = tokens
-        self.device = device
-        self.bf16 = bf16
-        self.n_train = len(data.train)
-        self.eval_sets = data.eval_sets()
-        self.chunk = max(1, min(int(eval_batch_size), EVAL_CHUNK.get(device.type, 256)))
-
-    def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._logits(split, idx[i:i + self.chunk]).float() for i in range(0, len(idx), self.chunk)])
-
-
-class PlmTask(_TextTaskBase):
-    """A ``PlmClassifier`` on the tokenized splits: mean BCE-with-logits."""
-
-    def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        b = self.tokens[split].batch(idx)
-        with autocast(self.device, self.bf16):
-            return self.model(b["input_ids"], b["attention_mask"]).float()
-
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.data.train.y.index_select(0, idx)
-        return F.binary_cross_entropy_with_logits(self._logits("train", idx), y)
-
-
-class FlipTask(_TextTaskBase):
-    """``FlipModel``: Eq. 15 loss + lookup-L2 on the ID embeddings; predictions are the joint logit."""
-
-    def __init__(self, *args: Any, l2_embedding: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.l2_embedding = float(l2_embedding)
-
-    def _forward(self, split: str, idx: torch.Tensor):
-        x = self.data.splits[split].x.index_select(0, idx)
-        b = self.tokens[split].batch(idx)
-        with autocast(self.device, self.bf16):
-            return (*self.model(x, b["input_ids"], b["attention_mask"]), x)
-
-    def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        return self._forward(split, idx)[0]
-
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.data.train.y.index_select(0, idx)
-        joint, logit_id, logit_plm, x = self._forward("train", idx)
-        bce = F.binary_cross_entropy_with_logits
-        loss = bce(joint, y) + bce(logit_id, y) + bce(logit_plm, y)
-        if self.l2_embedding > 0:  # as TabularTask: (l2 / B) * sum of squared looked-up rows
-            flat = self.model.id_model.embedding(x).float().reshape(-1)
-            loss = loss + (self.l2_embedding / x.shape[0]) * torch.dot(flat, flat)
-        return loss
-
-    def summary(self) -> dict[str, Any]:
-        """Entries for ``metrics.json``: the final α (of the weights ``fit`` kept)."""
-        return {"alpha": float(self.model.alpha.detach().float().item())}
+def strategy_fingerprint(cfg: Config, strategy: Strategy, pretrained: Path | None) -> dict[str, Any] | None:
+    """What identifies a run of ``strategy`` beyond the config and the dataset: the weights it starts
+    from (SHA-256 of the pretrained ID model, the files of the language model); None for ``scratch``.
+    Checks the pretraining run first (it holds what the strategy reads, with this ID-model setting)."""
+    extra: dict[str, Any] = {}
+    if strategy.needs:
+        pdir = pretrained_dir(pretrained, strategy.name)
+        if strategy.pretrained_id:
+            _check_id_model(cfg, pdir)
+            extra["id_model"] = file_sha256(pdir / "id_model.safetensors")
+        if strategy.pretrained_plm:
+            extra["plm"] = plm_identity(str(pdir / "plm"))
+    elif strategy.uses_plm:
+        extra["plm"] = plm_identity(cfg.plm.name)
+    return extra or None
 
 
 # --------------------------------------------------------------------------------------- builders
+def build_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
+    """ID model from random initialisation (the "w/o FLIP" baseline of the paper); ``pretrained``
+    is ignored."""
+    from flip.models import build_id_model
+
+    model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).to(device)
+    optimizer = make_optimizer(model.parameters(), cfg.finetune)
+    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding, bf16=finetune_bf16(cfg, device),
+                       oov_dropout=cfg.finetune.oov_dropout)
+
+
 def _plm_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return make_optimizer(params, dataclasses.replace(cfg.finetune, optimizer="adamw", lr=cfg.finetune.plm_lr))
 
@@ -326,7 +215,6 @@ def _load_plm_from(name: str, cfg: Config):
     return load_plm(dataclasses.replace(cfg.plm, name=name))
 
 
-@register_strategy("flip_id", fingerprint=_fingerprint_id)
 def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """``scratch`` started from the pretrained ID tower (fresh prediction layer)."""
     from flip.models import build_id_model
@@ -348,20 +236,17 @@ def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -
                    finetune_bf16(cfg, device), cfg.finetune.eval_batch_size)
 
 
-@register_strategy("flip_plm", fingerprint=_fingerprint_plm, uses_id=False, uses_plm=True)
 def build_flip_plm(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """The aligned language model + a fresh Linear on [CLS]."""
     pdir = pretrained_dir(pretrained, "flip_plm")
     return _plm_task(cfg, data, device, str(pdir / "plm"))
 
 
-@register_strategy("plm_scratch", fingerprint=_fingerprint_plm_scratch, uses_id=False, uses_plm=True)
 def build_plm_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """The original (unaligned) language model ``cfg.plm.name`` + a fresh Linear on [CLS]."""
     return _plm_task(cfg, data, device, cfg.plm.name)
 
 
-@register_strategy("flip", fingerprint=_fingerprint_flip, uses_plm=True)
 def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
     """Both pretrained towers, fused by a learnable α; Eq. 15 loss; two learning rates."""
     from flip.models import build_id_model

@@ -1,32 +1,22 @@
 """Fixtures for the alignment tests: tiny BERT / RoBERTa built in code, a real synthetic dataset.
 
-Everything is session-scoped and offline: the tiny models come from ``tiny_plm.py``, the dataset
-from ``flip preprocess`` on the synthetic source (5 000 rows, about a second).
+Everything is session-scoped and offline: the tiny models and the dataset (``flip preprocess`` on the
+synthetic source, 5 000 rows, about a second) come from the session fixtures of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_tiny_roberta
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_plm import make_tiny_bert, make_tiny_roberta  # noqa: E402
-
-from flip.config import PlmConfig, config_from_dict  # noqa: E402
+from flip.config import PlmConfig
 
 
 @pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory) -> Path:
-    from flip.data.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("synthetic")
-    cfg = config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 5000}}})
-    out = root / "processed" / "synthetic"
-    preprocess(cfg, root / "raw", out, progress=False)
-    return out
+def synthetic_dir(synthetic_data) -> Path:
+    return synthetic_data(5000)
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +27,8 @@ def synthetic_texts(synthetic_dir) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def bert_dir(tmp_path_factory, synthetic_texts) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus=synthetic_texts)
+def bert_dir(tiny_bert, synthetic_dir) -> Path:
+    return tiny_bert(synthetic_dir, 500)
 
 
 @pytest.fixture(scope="session")

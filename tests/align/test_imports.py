@@ -61,7 +61,7 @@ def test_pretraining_runs_without_the_mlops_stack(bert_dir, synthetic_dir, tmp_p
                               cross_layers=1, low_rank_mixture=True, low_rank=4, num_experts=2)
         cfg = SimpleNamespace(mlm_weight=1.0, mtm_weight=1.0, icl_weight=1.0, joint_reconstruction=True,
                               mtm_loss="nce", nce_noise="global", nce_negatives=25, projection_dim=128,
-                              temperature=0.7, similarity="dot", same_fields=False, field_level_masking=True,
+                              temperature=0.7, similarity="dot", icl_head="linear", same_fields=False, field_level_masking=True,
                               text_mask_ratio=0.15, tab_mask_ratio=0.15)
         model = FlipPretrainModel(build_id_model(idc, len(meta["fields"]), meta["vocab_size"]), plm, cfg, meta,
                                   load_feature_counts("{synthetic_dir}", meta["vocab_size"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_plm import small_id_config
+from helpers import small_id_config
 
 from flip.align import FlipPretrainModel, load_feature_counts, pretrain_batch
 from flip.align.masking import field_token_mask

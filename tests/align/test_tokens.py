@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny_plm import make_tiny_roberta
+from helpers import make_tiny_roberta
 
 import flip.data.tokens as tokens_mod
 from flip.align.masking import choose_fields, mask_text

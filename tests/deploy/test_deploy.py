@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flip.config import RetrainConfig, config_from_dict
+from flip.config import RetrainConfig
+from helpers import pinned_config
 from flip.data.preprocess import preprocess, split_values
 from flip.deploy.gate import decide
 from flip.deploy.package import load_bundle, package
@@ -31,7 +32,7 @@ FLIP = str(Path(sys.executable).parent / "flip")
 def served(tmp_path_factory):
     """A processed synthetic dataset, a two-seed scratch run on it, and its bundle."""
     root = tmp_path_factory.mktemp("deploy")
-    cfg = config_from_dict({
+    cfg = pinned_config({
         "data": {"dataset": "synthetic", "synthetic": {"rows": 3000, "fields": 6}},
         "id_model": {"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2},
         "finetune": {"strategy": "scratch", "epochs": 2, "train_rows": 0, "eval_rows": 0, "lr_grid": [],

@@ -306,12 +306,23 @@ def test_self_attention_matches_manual_heads():
 
 @pytest.mark.parametrize("name", ["dcnv2", "deepfm", "pnn", "afn"])
 def test_batch_norm_variant_trains(name):
-    model = build(name, batch_norm=True)
+    model = build(name, seed=3, batch_norm=True)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.dnn.modules())
-    x, y = xor_problem(64)
-    F.binary_cross_entropy_with_logits(model(x), y).backward()
-    model.eval()
-    assert model(x).shape == (64,)
+    x, y = xor_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()  # the running statistics, not the batch's
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (512,)
+    final = F.binary_cross_entropy_with_logits(out, y).item()
+    assert final < 0.5 * first, (name, first, final)
 
 
 def test_outer_product_pnn():
@@ -335,3 +346,27 @@ def test_dropout_is_inverted_bernoulli():
     torch.testing.assert_close(h.grad, out.detach())  # d(h * m / (1-p)) / dh = m / (1-p)
     assert torch.equal(drop.eval()(h), h)
     assert torch.equal(Dropout(0.0).train()(h), h)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_reaches_the_model_by_name(name):
+    """``from_config`` passes every option by its config key: dropout and batch_norm cannot swap."""
+    import dataclasses
+
+    keys = {f.name for f in dataclasses.fields(IdModelConfig)}
+    options = MODELS[name].options()
+    assert set(options) - keys <= {"product_type"}  # PNN's product choice is not a config knob
+    model = build(name, dropout=0.37, batch_norm=True)
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    drops += [m.dropout for m in model.modules() if isinstance(m, MultiHeadSelfAttention)]
+    if "dropout" in options:
+        assert any(p == pytest.approx(0.37) for p in drops)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    if "batch_norm" in options:
+        assert norms
+    assert isinstance(model.fc, torch.nn.Linear) and model.fc.in_features == model.output_dim
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        MODELS["dcnv2"](NUM_FIELDS, VOCAB, 8, [16])  # the options cannot be given by position

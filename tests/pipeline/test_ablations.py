@@ -3,20 +3,12 @@ analysis and the report on synthetic data; and their rows read back from ``dvc e
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
+from helpers import pinned_tree
+from report_numbers import allowed_numbers, paper_numbers, read_sources, untraceable
 
-from helpers import ROOT
-
-sys.path.insert(0, str(ROOT / "tests" / "align"))
-from tiny_plm import make_tiny_bert  # noqa: E402
-
-from report_numbers import allowed_numbers, paper_numbers, read_sources, untraceable  # noqa: E402
-
-from flip.config import apply_override, config_from_dict, parse_override  # noqa: E402
-from flip.evaluate.ablations import TABLE5, collect, experiment_name, overrides, table5_row  # noqa: E402
+from flip.config import apply_override, config_from_dict, parse_override
+from flip.evaluate.ablations import TABLE5, collect, experiment_name, overrides, table5_row
 
 
 def base_tree(data, bert, tokens) -> dict:
@@ -35,16 +27,9 @@ def base_tree(data, bert, tokens) -> dict:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    from flip.data.preprocess import preprocess
-    from flip.data.tensors import load_text
-
-    root = tmp_path_factory.mktemp("ablations")
-    data = root / "processed"
-    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 1500, "fields": 5}}}),
-               root / "raw", data, progress=False)
-    bert = make_tiny_bert(root / "bert", corpus=load_text(data, "train")[0][:200])
-    return root, data, bert
+def synthetic(synthetic_data, tiny_bert, tmp_path_factory):
+    data = synthetic_data(1500, fields=5)
+    return tmp_path_factory.mktemp("ablations"), data, tiny_bert(data, 200)
 
 
 @pytest.mark.slow
@@ -62,7 +47,7 @@ def test_every_table5_ablation_runs_end_to_end(synthetic, tmp_path, row):
     from flip.train.pretrain import pretrain
 
     root, data, bert = synthetic
-    tree = base_tree(data, bert, root / "tokens")
+    tree = pinned_tree(base_tree(data, bert, root / "tokens"))
     for text in overrides(row):
         apply_override(tree, *parse_override(text))
     cfg = config_from_dict(tree)

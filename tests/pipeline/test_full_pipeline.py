@@ -4,17 +4,11 @@ then an ablation as a DVC experiment: only the stages that depend on the changed
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import ROOT
-
-sys.path.insert(0, str(ROOT / "tests" / "align"))
-from tiny_plm import make_tiny_bert  # noqa: E402
-
-from pipeline_repo import make_dvc_repo, tiny_profile  # noqa: E402
+from helpers import make_tiny_bert
+from pipeline_repo import make_dvc_repo, tiny_profile
 
 pytestmark = pytest.mark.slow
 

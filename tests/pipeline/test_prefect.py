@@ -14,7 +14,6 @@ from helpers import ROOT
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 sys.path.insert(0, str(ROOT / "flows"))
-sys.path.insert(0, str(ROOT / "tests" / "align"))
 os.environ.setdefault("FLIP_STAGE_RETRY_DELAY", "0")  # retries stay real, without the 20 s waits
 
 

@@ -18,7 +18,6 @@ from helpers import ROOT
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 sys.path.insert(0, str(ROOT / "flows"))
-sys.path.insert(0, str(ROOT / "tests" / "align"))
 os.environ.setdefault("FLIP_STAGE_RETRY_DELAY", "0")
 
 WEEK = 7 * 24 * 3600
@@ -88,7 +87,7 @@ def weekly_params(bert: Path):
 def test_four_weeks_of_retraining(prefect_server, tmp_path):
     from pipeline import STAGE_GROUPS, retrain
     from pipeline_repo import make_dvc_repo
-    from tiny_plm import make_tiny_bert
+    from helpers import make_tiny_bert
 
     from flip.deploy.registry import in_stage
 

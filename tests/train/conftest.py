@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flip.config import Config, config_from_dict
+from flip.config import Config
+from helpers import pinned_config
 
 FIELDS = [  # name, title, number of distinct values
     ("user_id", "User", 60),
@@ -103,7 +104,7 @@ def small_config(**sections) -> Config:
     }
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
-    return config_from_dict(tree)
+    return pinned_config(tree)
 
 
 @pytest.fixture(autouse=True)

@@ -27,17 +27,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))
-
-from tiny_plm import make_tiny_bert  # noqa: E402
-
 from flip.config import config_from_dict  # noqa: E402
+from helpers import pinned_tree  # noqa: E402
 
 ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
             "low_rank": 4, "num_experts": 2}
@@ -49,29 +45,20 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from flip.data.preprocess import preprocess
-    from flip.data.tensors import load_text
-
-    root = tmp_path_factory.mktemp("ddp")
-    data = root / "processed" / "synthetic"
-    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 1500}}}), root / "raw", data,
-               progress=False)
-    bert = make_tiny_bert(root / "bert", corpus=load_text(data, "train")[0][:300])
-    config = json.loads((bert / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (bert / "config.json").write_text(json.dumps(config))
-    return str(data), str(bert), str(root / "tokens")
+def env(tmp_path_factory, synthetic_data, tiny_bert):
+    data = synthetic_data(1500)
+    bert = tiny_bert(data, 300, dropout=False)
+    return str(data), str(bert), str(tmp_path_factory.mktemp("ddp") / "tokens")
 
 
 def cfg_tree(env, **pretrain_values) -> dict:
     data, bert, tokens = env
-    return {
+    return pinned_tree({
         "id_model": ID_MODEL,
         "plm": {"name": bert, "max_length": 64, "cache_dir": tokens},
         "pretrain": {"epochs": 1, "batch_size": 25, "lr": 3e-3, "precision": "fp32", **pretrain_values},
         "run": {"seeds": [5], "device": "cpu", "threads": 1, "progress": False},
-    }
+    })
 
 
 def run_steps(tree: dict, data_dir: str) -> dict:

@@ -142,6 +142,11 @@ def test_max_rows_and_adamw(tiny_dataset, tmp_path, make_config):
     finetune(cfg, tiny_dataset, tmp_path)
     start = log_records(tmp_path, "start")[0]
     assert start["n_train"] == 1000 and start["steps_per_epoch"] == 4
+    from flip.train.strategies import build_scratch
+
+    task = build_scratch(cfg, load_ctr_data(tiny_dataset), torch.device("cpu"))
+    assert type(task.optimizer) is torch.optim.AdamW
+    assert task.optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_unknown_strategy_and_optimizer(tiny_dataset, tmp_path, make_config):
@@ -158,7 +163,7 @@ def test_unknown_strategy_and_optimizer(tiny_dataset, tmp_path, make_config):
 def test_embedding_regulariser_is_lookup_l2_averaged_over_batch(tiny_dataset, make_config):
     import torch.nn.functional as F
 
-    from flip.train.finetune import build_scratch
+    from flip.train.strategies import build_scratch
 
     cfg = make_config(finetune={"l2_embedding": 0.5})
     data = load_ctr_data(tiny_dataset)
@@ -190,7 +195,7 @@ def test_precision_setting():
 
 
 def test_bf16_training_autocasts_the_forward_and_scores_in_fp32(tiny_dataset, tmp_path, make_config):
-    from flip.train.finetune import build_scratch
+    from flip.train.strategies import build_scratch
 
     cfg = make_config(finetune={"precision": "bf16", "epochs": 6, "patience": 6})
     data = load_ctr_data(tiny_dataset)
@@ -216,7 +221,7 @@ def test_bf16_training_autocasts_the_forward_and_scores_in_fp32(tiny_dataset, tm
 
 
 def test_oov_dropout_trains_the_oov_rows(tiny_dataset, tmp_path, make_config):
-    from flip.train.finetune import build_scratch
+    from flip.train.strategies import build_scratch
 
     data = load_ctr_data(tiny_dataset)
     oov = torch.tensor([f["oov_id"] for f in data.meta["fields"]])

@@ -12,7 +12,8 @@ from torch import nn
 
 from flip.evaluate import auc
 from flip.io import read_json
-from flip.train.loop import EvalSet, LoopSettings, Task, aggregate_seeds, config_fingerprint, fit, run_seeds
+from flip.train.identity import config_fingerprint
+from flip.train.loop import EvalSet, LoopSettings, Task, aggregate_seeds, fit, run_seeds
 
 
 class Counter(nn.Module):

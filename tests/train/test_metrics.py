@@ -54,3 +54,14 @@ def test_length_mismatch_raises():
         auc([0, 1], [0.5])
     with pytest.raises(ValueError):
         logloss([], [])
+
+
+def test_numpy_metric_fallbacks_match_sklearn():
+    from flip.evaluate import metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 5000).astype(np.float64)
+    p = np.round(rng.random(5000), 2)  # many ties
+    p[:3] = [0.0, 1.0, 1.0]
+    assert metrics._np_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert metrics._np_logloss(y, p) == pytest.approx(log_loss(y, p), rel=1e-12)

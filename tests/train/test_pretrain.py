@@ -1,6 +1,6 @@
 """``flip pretrain`` (flip.train.pretrain) end to end on a real processed synthetic dataset.
 
-A tiny random BERT (tests/align/tiny_plm.py) is saved to a temporary directory and used as
+A tiny random BERT (the ``tiny_bert`` session fixture) is saved to a temporary directory and used as
 ``plm.name``; the dataset is ``flip.data.preprocess`` on the synthetic source (3 000 rows). Every
 run goes through the generic loop, so these tests also cover checkpoints, resuming and finished-run
 recognition for the pretraining task.
@@ -16,11 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))
-
-from tiny_plm import make_tiny_bert  # noqa: E402
-
-from flip.config import PlmConfig, config_from_dict  # noqa: E402
+from flip.config import PlmConfig  # noqa: E402
+from helpers import pinned_config, pinned_tree  # noqa: E402
 from flip.train.loop import CRASH_ENV, SimulatedCrash  # noqa: E402
 from flip.train.pretrain import pretrain, pretrain_total_steps  # noqa: E402
 
@@ -29,17 +26,10 @@ ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, synthetic_data, tiny_bert):
     """(processed synthetic dataset, tiny BERT directory, token cache directory)."""
-    from flip.data.preprocess import preprocess
-    from flip.data.tensors import load_text
-
-    root = tmp_path_factory.mktemp("pretrain")
-    data = root / "processed" / "synthetic"
-    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 3000}}}), root / "raw", data,
-               progress=False)
-    bert = make_tiny_bert(root / "bert", corpus=load_text(data, "train")[0][:300])
-    return data, bert, root / "tokens"
+    data = synthetic_data(3000)
+    return data, tiny_bert(data, 300), tmp_path_factory.mktemp("pretrain") / "tokens"
 
 
 def make_cfg(env, **pretrain_values):
@@ -53,7 +43,7 @@ def make_cfg(env, **pretrain_values):
                      "precision": "fp32", **pretrain_values},
         "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False, **run},
     }
-    return config_from_dict(tree)
+    return pinned_config(tree)
 
 
 def records(out: Path, event: str) -> list[dict]:
@@ -236,6 +226,10 @@ def test_pretraining_and_flip_finetuning_run_with_torch_transformers_pyarrow_onl
     import textwrap
 
     data, bert, tokens = env
+    tree = pinned_tree({"id_model": ID_MODEL, "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
+                        "pretrain": {"batch_size": 32, "max_steps": 3},
+                        "finetune": {"epochs": 1, "batch_size": 256, "max_rows": 512},
+                        "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False}})
     code = textwrap.dedent(f"""
         import importlib.abc, importlib.machinery, sys
         BLOCKED = {BLOCKED!r}
@@ -258,10 +252,7 @@ def test_pretraining_and_flip_finetuning_run_with_torch_transformers_pyarrow_onl
         from flip.train.finetune import finetune
         from flip.train.pretrain import pretrain
 
-        tree = {{"id_model": {ID_MODEL!r}, "plm": {{"name": "{bert}", "max_length": 64, "cache_dir": "{tokens}"}},
-                "pretrain": {{"batch_size": 32, "max_steps": 3}},
-                "finetune": {{"epochs": 1, "batch_size": 256, "max_rows": 512}},
-                "run": {{"seeds": [1], "device": "cpu", "threads": 1, "progress": False}}}}
+        tree = {tree!r}
         pretrain(config_from_dict(tree), "{data}", "{tmp_path}/pre")
         for strategy in ("flip", "flip_plm", "flip_id"):
             tree["finetune"]["strategy"] = strategy
@@ -275,16 +266,3 @@ def test_pretraining_and_flip_finetuning_run_with_torch_transformers_pyarrow_onl
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
 
-
-def test_numpy_metric_fallbacks_match_sklearn():
-    import numpy as np
-    from sklearn.metrics import log_loss, roc_auc_score
-
-    from flip.evaluate import metrics
-
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 5000).astype(np.float64)
-    p = np.round(rng.random(5000), 2)  # many ties
-    p[:3] = [0.0, 1.0, 1.0]
-    assert metrics._np_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-    assert metrics._np_logloss(y, p) == pytest.approx(log_loss(y, p), rel=1e-12)

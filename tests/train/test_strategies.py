@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))
-
-from tiny_plm import make_tiny_bert  # noqa: E402
-
 from flip.config import config_from_dict  # noqa: E402
+from helpers import pinned_config  # noqa: E402
 from flip.errors import FlipError  # noqa: E402
 from flip.train import finetune, load_ctr_data  # noqa: E402
 from flip.train.loop import CRASH_ENV, SimulatedCrash, seed_everything  # noqa: E402
@@ -31,30 +26,16 @@ ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, synthetic_data, tiny_bert):
     """(dataset, tiny BERT, token cache, pretraining run directory)."""
-    from flip.data.preprocess import preprocess
-    from flip.data.tensors import load_text
-
     root = tmp_path_factory.mktemp("strategies")
-    data = root / "processed" / "synthetic"
-    preprocess(config_from_dict({"data": {"dataset": "synthetic", "synthetic": {"rows": 2000}}}), root / "raw", data,
-               progress=False)
-    bert = make_tiny_bert(root / "bert", corpus=load_text(data, "train")[0][:300])
+    data = synthetic_data(2000)
+    bert = tiny_bert(data, 300)
     tokens = root / "tokens"
     pre = root / "pretrain"
     pretrain(make_cfg((data, bert, tokens, pre), pretrain={"epochs": 1, "batch_size": 64, "lr": 5e-3, "max_steps": 8}),
              data, pre)
     return data, bert, tokens, pre
-
-
-@pytest.fixture(autouse=True)
-def keep_grad_mode():
-    """flip.evaluate.analysis switches autograd off process-wide (torch.set_grad_enabled(False)): restore it
-    so that later tests (e.g. tests/align) are not affected."""
-    enabled = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(enabled)
 
 
 def make_cfg(env, **sections):
@@ -68,7 +49,7 @@ def make_cfg(env, **sections):
     }
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)
-    return config_from_dict(tree)
+    return pinned_config(tree)
 
 
 def strategy_cfg(env, strategy, **finetune_values):
@@ -113,14 +94,15 @@ def test_flip_id_starts_from_the_pretrained_id_tower(env):
         elif not key.startswith("fc."):
             assert torch.equal(state[key], value), key
     # trained exactly like scratch: same task class, optimizer and regulariser
-    from flip.train.finetune import TabularTask
+    from flip.train.ctr import TabularTask
 
     assert isinstance(task, TabularTask) and type(task.optimizer).__name__ == "Adam"
     assert task.l2_embedding == cfg.finetune.l2_embedding
 
 
 def test_flip_loss_is_eq15_and_alpha_is_reported(env):
-    from flip.train.strategies import FlipTask, build_flip
+    from flip.train.ctr import FlipTask
+    from flip.train.strategies import build_flip
 
     data_dir, _, _, pre = env
     cfg = strategy_cfg(env, "flip", alpha_init=0.3, l2_embedding=0.0)
