@@ -48,7 +48,7 @@ offline) and a pretraining schedule sized from the throughput it measures, so th
 minutes on one H100/H200; it writes ``benchmarks/results/gpu_check.json`` with the estimated time of
 the full 30-epoch schedule.
 
-MFU (GPU): model FLOPs per pretraining sample from ``flip.train.pretrain.flops_per_sample``
+MFU (GPU): model FLOPs per pretraining sample from ``flip.align.FlipPretrainModel.flops_per_sample``
 (3 x forward; forward = a·(2·P_plm·T + 4·n_layers·T²·d) + b·2·P_id + MLM head on masked tokens +
 MTM + ICL, T = real tokens per sample, P = non-embedding parameters, a/b = PLM / ID passes),
 times samples/s, over the GPU's dense bf16 peak (``--peak-tflops`` overrides the table).

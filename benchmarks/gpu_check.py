@@ -390,7 +390,9 @@ def run(args: argparse.Namespace) -> int:
     info = fm.device_info()
     peak = fm.peak_tflops(info.get("gpu"), args.peak_tflops)
     strategies = list(dict.fromkeys(args.strategies))
-    plm_strategies = [s for s in strategies if s in ("flip_plm", "flip", "plm_scratch")]
+    from flip.strategies import STRATEGIES
+
+    plm_strategies = [s for s in strategies if STRATEGIES[s].uses_plm]
     report = Report(json_path, {
         "what": "GPU check: FLIP paper profile (profiles/paper.txt) on the MovieLens-1M copy with a pretraining "
                 "schedule sized from the measured throughput to fit the time budget" + (" [DRY RUN on CPU]" if args.dry_run else ""),

@@ -50,6 +50,7 @@ from flip.align.masking import (
 )
 from flip.align.objectives import IclObjective, MlmObjective, MtmObjective
 from flip.errors import SettingError
+from flip.models.layers import HEAD_MODULES
 
 OBJECTIVES = ("mlm", "mtm", "icl")
 BATCH_KEYS = ("x", "input_ids", "attention_mask", "field_tok_start", "field_tok_end")
@@ -81,6 +82,11 @@ def pretrain_batch(x: torch.Tensor, tokens: Any, idx: torch.Tensor, device: torc
     if device is not None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch
+
+
+def _non_embedding_params(module: nn.Module) -> int:
+    emb = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in module.parameters() if id(p) not in emb)
 
 
 class FlipPretrainModel(nn.Module):
@@ -159,20 +165,36 @@ class FlipPretrainModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------- forward
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    @property
+    def passes(self) -> dict[str, bool]:
+        """Which encoder passes ``forward`` runs (the enabled objectives decide): the PLM on the complete
+        text (``plm``: w for ICL and joint MTM) and on the masked text (``plm_masked``: ŵ for MLM), the ID
+        model on the complete table (``id``: v for ICL and joint MLM) and on the masked one (``id_masked``:
+        v̂ for MTM). Used by ``forward``, :meth:`flops_per_sample` and DDP (an encoder no pass uses has
+        parameters without gradient)."""
+        return {
+            "plm": self.icl is not None or (self.mtm is not None and self.mtm.joint),
+            "plm_masked": self.mlm is not None,
+            "id": self.icl is not None or (self.mlm is not None and self.mlm.joint),
+            "id_masked": self.mtm is not None,
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``batch``: ``x`` (B, F) ids, ``input_ids``/``attention_mask`` (B, L) of the complete
-        text, ``field_tok_start``/``field_tok_end`` (B, F). Returns the losses (module docstring)."""
+        text, ``field_tok_start``/``field_tok_end`` (B, F). ``masks``: those of :meth:`mask` for this
+        batch (drawn elsewhere, e.g. on the global batch of a distributed step); None: drawn here from
+        ``generator``. Returns the losses (module docstring)."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"pretraining batch lacks {missing}")
         x, ids, attn = batch["x"].long(), batch["input_ids"].long(), batch["attention_mask"]
         batch = {**batch, "x": x, "input_ids": ids}
-        m = self.mask(batch, generator)
+        m = self.mask(batch, generator) if masks is None else masks
 
-        need_w = self.icl is not None or (self.mtm is not None and self.mtm.joint)
-        need_v = self.icl is not None or (self.mlm is not None and self.mlm.joint)
-        w = self.plm(ids, attn) if need_w else None  # (B, L, D_t) complete text
-        v = self.id_model.encode(x) if need_v else None  # (B, D_v) complete table
+        passes = self.passes
+        w = self.plm(ids, attn) if passes["plm"] else None  # (B, L, D_t) complete text
+        v = self.id_model.encode(x) if passes["id"] else None  # (B, D_v) complete table
 
         results: dict[str, dict[str, torch.Tensor]] = {}
         if self.mlm is not None:
@@ -194,6 +216,56 @@ class FlipPretrainModel(nn.Module):
         if "mtm" in results:
             out["mtm_fields"] = results["mtm"]["count"]
         return out
+
+    def flops_per_sample(self, tokens: float, masked_tokens: float, masked_fields: float, batch_size: int) -> float:
+        """Analytic training FLOPs of one sample (forward + backward = 3 x forward), matmuls only.
+
+        With ``T`` real tokens per sample, ``P_t`` the PLM's non-embedding parameters, ``n`` its
+        layers, ``d`` its width, ``P_v`` the ID model's non-embedding parameters (embedding lookups
+        are free), ``D_v`` = dim of v, ``V_t`` the text vocabulary, ``m`` masked tokens and ``k``
+        masked fields per sample, ``K`` NCE noise ids, ``D_e`` the ID embedding size, ``p`` the ICL
+        projection size, ``B`` the global batch:
+
+            fwd = a·(2·P_t·T + 4·n·T²·d)                                   PLM passes (a = 1 or 2)
+                + b·2·P_v                                                  ID passes (b = 1 or 2)
+                + m·2·((d + D_v)·d + d·V_t)                                MLM head on masked tokens
+                + 2·D_v·d + 4·T·d + 2·F·(D_v + d)·H + k·2·(H·D_e + (1+K)·D_e)   MTM
+                + 2·p·(d + D_v) + 4·B·p                                    ICL projections + logits
+            FLOPs/sample = 3 · fwd
+
+        ``4·n·T²·d`` is the attention score and weighted-sum matmuls. Padding tokens are not counted,
+        so MFU computed from this is conservative.
+        """
+        model, passes = self, self.passes
+        plm, idm = model.plm, model.id_model
+        d = int(plm.hidden_size)
+        layers = int(getattr(getattr(getattr(plm, "model", None), "config", None), "num_hidden_layers", 0) or 0)
+        P_t = _non_embedding_params(plm)
+        P_v = _non_embedding_params(idm)
+        for name in HEAD_MODULES:  # the frozen prediction layer does not run
+            m = getattr(idm, name, None)
+            if isinstance(m, nn.Module):
+                P_v -= _non_embedding_params(m)
+        D_v = int(idm.output_dim)
+        T = float(tokens)
+        plm_pass = 2.0 * P_t * T + 4.0 * layers * T * T * d
+        plm_passes = int(passes["plm"]) + int(passes["plm_masked"])
+        id_passes = int(passes["id"]) + int(passes["id_masked"])
+        fwd = plm_passes * plm_pass if plm_passes else 0.0
+        fwd += id_passes * 2.0 * P_v if id_passes else 0.0
+        if model.mlm is not None:
+            fwd += masked_tokens * 2.0 * _non_embedding_params(model.mlm)
+        if model.mtm is not None:
+            heads = model.mtm.heads
+            F_, H = int(heads.num_fields), int(heads.hidden_dim)
+            De = int(model.mtm.out_embedding.embedding_dim)
+            in_dim = int(heads.w1.shape[0])
+            fwd += (2.0 * D_v * d + 4.0 * T * d) if model.mtm.joint else 0.0
+            fwd += 2.0 * in_dim * F_ * H + masked_fields * 2.0 * (H * De + (1 + model.mtm.num_negatives) * De)
+        if model.icl is not None:
+            p = int(model.cfg.projection_dim)
+            fwd += 2.0 * p * (d + D_v) + 4.0 * batch_size * p
+        return 3.0 * fwd
 
     # --------------------------------------------------------------------------- checkpoints
     def id_model_state(self) -> dict[str, torch.Tensor]:

@@ -104,6 +104,13 @@ class IdModel(nn.Module):
         options = {name: getattr(cfg, name) for name in cls.options() if hasattr(cfg, name)}
         return cls(num_fields, vocab_size, embedding_dim=cfg.embedding_dim, **options)
 
+    def freeze_head(self) -> None:
+        """Freeze the prediction layer (:data:`HEAD_MODULES`): pretraining leaves it untrained."""
+        for name in HEAD_MODULES:
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) ids -> (B, F, d): one lookup for all fields."""
         return self.embedding(x)

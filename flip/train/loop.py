@@ -15,9 +15,9 @@ and :func:`fit` does everything else:
   of the state dict), restored at the end, and the test split is scored once, with them.
 * **Checkpoints / resume.** ``OUT/checkpoint/state.pt`` (written atomically with ``torch.save`` of
   plain state dicts and tensors, loaded with ``weights_only=True``) holds the model, optimizer and
-  scheduler states, the best weights, epoch and step-in-epoch, the shuffling generator's state at
-  the start of the epoch (the permutation is re-drawn from it), the partial epoch loss, the
-  early-stopping state, the global RNG states and the log. It is written at the end of every
+  scheduler states, :class:`FitState` (epoch and step-in-epoch, the shuffling generator's state at
+  the start of the epoch - the permutation is re-drawn from it -, the partial epoch loss, the
+  early-stopping state, the best weights), the task's extra state, the global RNG states and the log. It is written at the end of every
   epoch and every ``checkpoint_every`` batches (0 = epoch ends only). Running the same command
   again continues from it and ends with the same metrics as an uninterrupted run. A finished run
   (``metrics.json`` plus ``run.json`` whose fingerprint matches) is recognised and not re-run.
@@ -29,7 +29,12 @@ and :func:`fit` does everything else:
   ``OUT/log.jsonl``: one ``step`` record every ``log_every`` batches (mean loss since the last
   record, samples/s), one ``epoch`` record per epoch (train loss, validation metrics, throughput),
   plus ``start``/``resume``/``early_stop``/``test`` records. The loss is accumulated on the
-  device and only read (one sync) when a record is written.
+  device and only read (one sync) when a record is written. A task's own per-batch statistics
+  (``Task.stat_names``, e.g. pretraining's per-objective losses) are averaged the same way and
+  written into the same ``step`` and ``epoch`` records.
+* **Several ranks.** A task that trains through ``DistributedDataParallel`` (``Task.ddp``) has its
+  gradients all-reduced only by the batch that ends an optimizer step: the loop sets
+  ``require_backward_grad_sync`` before each batch (as nanoGPT's training loop does).
 * **Outputs** (all atomic; ``metrics.json`` is written last): ``config.json``, ``run.json``
   (fingerprint, seed, device, versions), ``metrics.json``, ``model.safetensors`` (best weights)
   and ``predictions/{valid,test}.parquet`` (``row``, ``label``, ``prob``).
@@ -54,7 +59,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +74,7 @@ from flip.io import atomic_dir, atomic_file, read_json, write_json
 from flip.progress import note, progress
 from flip.train.identity import flatten
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 CRASH_ENV = "FLIP_CRASH_AFTER_STEPS"
 
 class SimulatedCrash(RuntimeError):
@@ -92,6 +97,9 @@ class LoopSettings:
     grad_accum: int = 1  # batches per optimizer step
     grad_clip: float = 0.0  # > 0: clip the gradient norm to this before each optimizer step
     log_every: int = 100  # batches between ``step`` records in log.jsonl (one device sync each)
+    # True: a ``step`` record's ``step`` counts optimizer steps and ``epoch_step`` is the batch in the
+    # epoch (pretraining's loss curves); False: ``step`` is the batch in the epoch
+    optimizer_steps: bool = False
 
 
 @dataclass
@@ -114,6 +122,13 @@ class Task:
     :class:`EvalSet`; without ``valid`` there is no early stopping, without ``test`` no test
     metrics), and implement :meth:`loss` and :meth:`predict`. State beyond model/optimizer/
     scheduler (e.g. a noise sampler) goes through :meth:`extra_state`/:meth:`load_extra_state`.
+
+    Optional hooks: ``ddp`` (the ``DistributedDataParallel`` wrapper that ``loss`` runs the model
+    through on several ranks: the loop sets its ``require_backward_grad_sync``, so that gradients are
+    all-reduced only by the batch that ends an optimizer step), ``stat_names`` (per-batch statistics
+    that ``loss`` returns beside the loss: the loop averages them over the rows of each ``step`` and
+    ``epoch`` record and writes them into it, :meth:`stat_fields`), :meth:`run_summary` (entries for
+    ``run.json``).
     """
 
     model: nn.Module
@@ -122,10 +137,23 @@ class Task:
     n_train: int
     eval_sets: dict[str, EvalSet]
     slow_scoring: bool = False  # True: scoring a split says when it starts and ends (language models)
+    ddp: nn.Module | None = None  # the DDP wrapper of ``model`` when the task trains on several ranks
+    stat_names: tuple[str, ...] = ()  # the per-batch statistics ``loss`` returns, by name
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        """Scalar training loss of the training rows ``idx`` (a LongTensor on the device)."""
+    def loss(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scalar training loss of the training rows ``idx`` (a LongTensor on the device); with
+        ``stat_names``, also a (len(stat_names),) float64 tensor of this batch's statistics."""
         raise NotImplementedError
+
+    def reduce_stats(self, total: torch.Tensor) -> torch.Tensor:
+        """Sum accumulated statistics over the ranks (one process: ``total`` itself)."""
+        return total
+
+    def stat_fields(self, total: torch.Tensor, samples: int) -> dict[str, float | None]:
+        """The mean of the statistics accumulated as ``sum(stats * rows)`` over ``samples`` rows (all
+        ranks), by name; NaN (an objective that is off) is None."""
+        mean = self.reduce_stats(total) / max(samples, 1)
+        return {k: None if math.isnan(v) else float(v) for k, v in zip(self.stat_names, mean.tolist())}
 
     def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         """(len(idx),) logits of rows ``idx`` of ``split``; called in eval mode under inference_mode."""
@@ -139,6 +167,10 @@ class Task:
 
     def summary(self) -> dict[str, Any]:
         """Extra numbers for ``metrics.json`` from the best weights (e.g. FLIP's fusion weight α)."""
+        return {}
+
+    def run_summary(self) -> dict[str, Any]:
+        """Extra entries for ``run.json`` once training is done (called on every rank)."""
         return {}
 
 
@@ -289,6 +321,49 @@ def _improved(value: float, best: float | None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- fit
+@dataclass
+class FitState:
+    """Where :func:`fit` stands: what a checkpoint saves and a resume restores (besides the model,
+    optimizer, scheduler, the task's extra state, the RNGs and the log)."""
+
+    gen_state: torch.Tensor  # the shuffling generator at the start of the epoch (its permutation is re-drawn)
+    epoch_loss: torch.Tensor  # () float64 on the device: sum of loss * rows so far in the epoch
+    epoch_stats: torch.Tensor | None  # (len(task.stat_names),) float64: the same for the task's statistics
+    phase: str = "train"  # train | done
+    epoch: int = 0
+    step: int = 0  # batches done in the epoch
+    global_step: int = 0  # optimizer steps done
+    epoch_samples: int = 0
+    best_metric: float | None = None  # best validation AUC so far
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs in a row without improvement
+    best_model: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights
+    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "total": 0.0, "samples": 0})
+    history: list[dict[str, Any]] = field(default_factory=list)  # the epoch records
+
+    @classmethod
+    def start(cls, generator: torch.Generator, device: torch.device, stats: int) -> "FitState":
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(generator.get_state(), zeros(), zeros(stats) if stats else None)
+
+    def to_checkpoint(self, elapsed: float) -> dict[str, Any]:
+        """Plain tensors and values (``torch.load(weights_only=True)`` reads them); ``elapsed``: this
+        session's seconds so far, added to the total."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("epoch_loss", "epoch_stats"):
+            out[key] = out[key].detach().cpu() if out[key] is not None else None
+        out["seconds"] = {**self.seconds, "total": self.seconds["total"] + elapsed}
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> "FitState":
+        values = {f.name: ckpt[f.name] for f in dataclasses.fields(cls)}
+        for key in ("epoch_loss", "epoch_stats"):
+            values[key] = values[key].to(device) if values[key] is not None else None
+        values["seconds"], values["history"] = dict(values["seconds"]), list(values["history"])
+        return cls(**values)
+
+
 class _Log:
     """``log.jsonl`` plus an in-memory copy that travels in the checkpoint."""
 
@@ -355,36 +430,20 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
 
     # ---- state (fresh or from the checkpoint)
-    epoch, step, global_step = 0, 0, 0
-    phase = "train"
-    best_metric: float | None = None
-    best_epoch, bad_epochs = 0, 0
-    best_state: dict[str, torch.Tensor] | None = None
+    state = FitState.start(generator, device, len(task.stat_names))
     best_valid: tuple[dict[str, float], np.ndarray] | None = None  # this process's best-epoch valid scores
-    epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
-    epoch_samples = 0
-    seconds = {"train": 0.0, "total": 0.0, "samples": 0}
-    history: list[dict[str, Any]] = []
-    gen_state = generator.get_state()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if task.scheduler is not None and ckpt["scheduler"] is not None:
             task.scheduler.load_state_dict(ckpt["scheduler"])
         task.load_extra_state(ckpt["extra"])
-        epoch, step, global_step, phase = ckpt["epoch"], ckpt["step"], ckpt["global_step"], ckpt["phase"]
-        best_metric, best_epoch, bad_epochs = ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
-        best_state = ckpt["best_model"]
-        epoch_loss = ckpt["epoch_loss"].to(device)
-        epoch_samples = ckpt["epoch_samples"]
-        seconds = dict(ckpt["seconds"])
-        history = list(ckpt["history"])
-        gen_state = ckpt["gen_state"]
+        state = FitState.from_checkpoint(ckpt, device)
         _set_rng_state(ckpt["rng"])
         log = _Log(out / "log.jsonl", ckpt["log"])
-        log("resume", epoch=epoch + 1, step=step, global_step=global_step)
-        note(f"resuming {out} from its checkpoint: epoch {epoch + 1}, step {step} of {steps_per_epoch} "
-             f"({global_step} optimizer steps done)", settings.progress)
+        log("resume", epoch=state.epoch + 1, step=state.step, global_step=state.global_step)
+        note(f"resuming {out} from its checkpoint: epoch {state.epoch + 1}, step {state.step} of {steps_per_epoch} "
+             f"({state.global_step} optimizer steps done)", settings.progress)
     else:
         log = _Log(out / "log.jsonl")
         log("start", seed=seed, device=str(device), n_train=n_train, batch_size=bs,
@@ -392,31 +451,20 @@ def fit(
     del ckpt
 
     def save_checkpoint() -> None:
-        state = {
+        elapsed = time.perf_counter() - t_session
+        checkpoint = {
             "version": CHECKPOINT_VERSION,
             "fingerprint": fingerprint,
-            "phase": phase,
-            "epoch": epoch,
-            "step": step,
-            "global_step": global_step,
-            "gen_state": gen_state,
-            "epoch_loss": epoch_loss.detach().cpu(),
-            "epoch_samples": epoch_samples,
-            "best_metric": best_metric,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "best_model": best_state,
+            **state.to_checkpoint(elapsed),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
             "extra": task.extra_state(),
             "rng": _rng_state(),
-            "seconds": {**seconds, "total": seconds["total"] + (time.perf_counter() - t_session)},
-            "history": history,
             "log": log.records,
         }
         with atomic_dir(ckpt_dir) as tmp:
-            torch.save(state, tmp / "state.pt")
+            torch.save(checkpoint, tmp / "state.pt")
 
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     steps_this_process = 0
@@ -426,32 +474,40 @@ def fit(
     # ---- training
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    while phase == "train" and epoch < settings.epochs:
-        generator.set_state(gen_state)
+    while state.phase == "train" and state.epoch < settings.epochs:
+        generator.set_state(state.gen_state)
         perm = torch.randperm(n_train, generator=generator).to(device)
-        if step == 0:
-            epoch_loss.zero_()
-            epoch_samples = 0
+        if state.step == 0:
+            state.epoch_loss.zero_()
+            state.epoch_samples = 0
+            if state.epoch_stats is not None:
+                state.epoch_stats.zero_()
         # the bar's total is what this epoch will really run: the rest of the epoch, or fewer
         # samples when max_steps ends training inside it
         epoch_end = steps_per_epoch
         if settings.max_steps > 0:
-            epoch_end = min(steps_per_epoch, step + max(settings.max_steps - global_step, 0) * accum)
-        bar = progress(min(epoch_end * bs, n_train), f"epoch {epoch + 1}/{settings.epochs}", "sample",
-                       initial=min(step * bs, n_train), enabled=settings.progress)
+            epoch_end = min(steps_per_epoch, state.step + max(settings.max_steps - state.global_step, 0) * accum)
+        bar = progress(min(epoch_end * bs, n_train), f"epoch {state.epoch + 1}/{settings.epochs}", "sample",
+                       initial=min(state.step * bs, n_train), enabled=settings.progress)
         window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        window_stats = torch.zeros_like(state.epoch_stats) if state.epoch_stats is not None else None
         window_samples, window_t = 0, time.perf_counter()
         t_epoch = time.perf_counter()
         samples_here = 0
         stop_now = False
         micro = 0
-        while step < steps_per_epoch:
+        while state.step < steps_per_epoch:
+            step = state.step
             idx = perm[step * bs : (step + 1) * bs]
             nb = int(idx.shape[0])
-            loss = task.loss(idx)
+            ends_optimizer_step = micro + 1 == accum or step + 1 == steps_per_epoch
+            if task.ddp is not None:  # all-reduce the gradients only with the batch that ends the step
+                task.ddp.require_backward_grad_sync = ends_optimizer_step
+            out_ = task.loss(idx)
+            loss, stats = out_ if isinstance(out_, tuple) else (out_, None)
             (loss / accum if accum > 1 else loss).backward()
             micro += 1
-            if micro == accum or step + 1 == steps_per_epoch:
+            if ends_optimizer_step:
                 if settings.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
                 optimizer.step()
@@ -459,24 +515,34 @@ def fit(
                 if task.scheduler is not None:
                     task.scheduler.step()
                 micro = 0
-                global_step += 1
+                state.global_step += 1
             lw = loss.detach().double() * nb
-            epoch_loss += lw
+            state.epoch_loss += lw
             window_loss += lw
-            epoch_samples += nb
+            if stats is not None:
+                state.epoch_stats += stats * nb
+                window_stats += stats * nb
+            state.epoch_samples += nb
             window_samples += nb
             samples_here += nb
-            step += 1
+            state.step += 1
+            step = state.step
             steps_this_process += 1
             bar.update(nb)
-            if settings.max_steps > 0 and global_step >= settings.max_steps and micro == 0:
+            if settings.max_steps > 0 and state.global_step >= settings.max_steps and micro == 0:
                 stop_now = True
             if step % settings.log_every == 0 or step == steps_per_epoch or stop_now:
                 now = time.perf_counter()
                 mean = (window_loss / max(window_samples, 1)).item()  # the only sync
                 rate = window_samples / max(now - window_t, 1e-9)
-                log("step", epoch=epoch + 1, step=step, global_step=global_step, loss=mean,
-                    samples_per_second=rate, lr=optimizer.param_groups[0]["lr"])
+                record = {"epoch": state.epoch + 1, "step": step, "global_step": state.global_step, "loss": mean,
+                          "samples_per_second": rate, "lr": optimizer.param_groups[0]["lr"]}
+                if settings.optimizer_steps:
+                    record["step"], record["epoch_step"] = state.global_step, step
+                if window_stats is not None:
+                    record.update(task.stat_fields(window_stats, window_samples))
+                    window_stats.zero_()
+                log("step", **record)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 window_loss.zero_()
                 window_samples = 0
@@ -494,46 +560,51 @@ def fit(
                 break
         bar.close()
         t_steps = time.perf_counter() - t_epoch
-        seconds["train"] += t_steps
-        seconds["samples"] += samples_here
-        train_loss = (epoch_loss / max(epoch_samples, 1)).item()
+        state.seconds["train"] += t_steps
+        state.seconds["samples"] += samples_here
+        train_loss = (state.epoch_loss / max(state.epoch_samples, 1)).item()
 
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
+        record: dict[str, Any] = {"epoch": state.epoch + 1, "train_loss": train_loss,
                                   "samples_per_second": samples_here / max(t_steps, 1e-9)}
         if has_valid:
             valid_metrics, valid_prob = score(task, "valid", settings.eval_batch_size, device, announce)
             record["valid_auc"], record["valid_logloss"] = valid_metrics["auc"], valid_metrics["logloss"]
-            improved = _improved(valid_metrics["auc"], best_metric)
+            improved = _improved(valid_metrics["auc"], state.best_metric)
         else:
             improved = True  # no validation split: the latest weights are the best
-        if improved or best_state is None:
-            best_metric = record.get("valid_auc", best_metric)
-            best_epoch, bad_epochs = epoch + 1, 0
-            best_state = _cpu_state(model)
+        if improved or state.best_model is None:
+            state.best_metric = record.get("valid_auc", state.best_metric)
+            state.best_epoch, state.bad_epochs = state.epoch + 1, 0
+            state.best_model = _cpu_state(model)
             best_valid = (valid_metrics, valid_prob) if has_valid else None
         else:
-            bad_epochs += 1
-        record["best"] = best_epoch == epoch + 1
-        history.append(record)
-        log("epoch", **record, global_step=global_step)
+            state.bad_epochs += 1
+        record["best"] = state.best_epoch == state.epoch + 1
+        state.history.append(record)
+        epoch_fields = {}
+        if state.epoch_stats is not None:
+            epoch_fields = task.stat_fields(state.epoch_stats, state.epoch_samples)
+        log("epoch", **record, global_step=state.global_step, **epoch_fields)
+        best_epoch = state.best_epoch
         valid_text = (f", valid AUC {record['valid_auc']:.4f} logloss {record['valid_logloss']:.4f}"
                       + (" (best)" if record["best"] else f" (best: epoch {best_epoch})") if has_valid else "")
-        note(f"epoch {epoch + 1}/{settings.epochs}: train loss {train_loss:.4f}{valid_text}, "
+        note(f"epoch {state.epoch + 1}/{settings.epochs}: train loss {train_loss:.4f}{valid_text}, "
              f"{record['samples_per_second']:,.0f} samples/s", settings.progress)
-        epoch += 1
-        step = 0
-        gen_state = generator.get_state()
+        state.epoch += 1
+        state.step = 0
+        state.gen_state = generator.get_state()
         if stop_now:
-            phase = "done"
-        elif has_valid and settings.patience > 0 and bad_epochs >= settings.patience:
-            phase = "done"
-            log("early_stop", epoch=epoch, best_epoch=best_epoch, best_valid_auc=best_metric)
-            note(f"early stop after epoch {epoch}: no better validation AUC for {settings.patience} epochs; "
-                 f"keeping epoch {best_epoch} (valid AUC {best_metric:.4f})", settings.progress)
+            state.phase = "done"
+        elif has_valid and settings.patience > 0 and state.bad_epochs >= settings.patience:
+            state.phase = "done"
+            log("early_stop", epoch=state.epoch, best_epoch=best_epoch, best_valid_auc=state.best_metric)
+            note(f"early stop after epoch {state.epoch}: no better validation AUC for {settings.patience} epochs; "
+                 f"keeping epoch {best_epoch} (valid AUC {state.best_metric:.4f})", settings.progress)
         save_checkpoint()
 
     # ---- final: best weights, score once on test, write outputs
-    phase = "done"
+    state.phase = "done"
+    best_state, best_epoch, history, seconds = state.best_model, state.best_epoch, state.history, state.seconds
     assert best_state is not None
     model.load_state_dict(best_state)
     metrics: dict[str, Any] = {}
@@ -555,7 +626,7 @@ def fit(
         "samples_per_second": seconds["samples"] / max(seconds["train"], 1e-9),
         "epochs": len(history),
         "best_epoch": best_epoch,
-        "steps": global_step,
+        "steps": state.global_step,
         "loss": history[best_epoch - 1]["train_loss"] if history else math.nan,
         "seconds": seconds["total"],
     }
@@ -571,6 +642,7 @@ def fit(
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(info or {}),
+        **task.run_summary(),
     })
     write_json(out / "metrics.json", metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -74,18 +74,18 @@ def run_steps(tree: dict, data_dir: str) -> dict:
     data = load_pretrain_data(cfg, data_dir, load_tokenizer(cfg.plm.name), device, ctx, progress=False)
     seed_everything(5)
     task = PretrainTask(cfg, data, device, 5, ctx)
-    task.log_every = 1
     task.model.eval()
-    grads = None
+    grads, records = None, []
     for batch in BATCHES:
-        loss = task.loss(torch.tensor(batch))
+        loss, stats = task.loss(torch.tensor(batch))
         loss.backward()
         if grads is None:
             grads = {n: p.grad.detach().clone() for n, p in task.model.named_parameters() if p.grad is not None}
         task.optimizer.step()
         task.optimizer.zero_grad(set_to_none=True)
+        records.append(task.stat_fields(stats * len(batch), len(batch)))  # as the loop's step record
     return {
-        "records": [{k: r[k] for k in ("loss", "mlm", "mtm", "icl")} for r in task.statistics()["records"]],
+        "records": [{k: r[k] for k in ("loss", "mlm", "mtm", "icl")} for r in records],
         "grads": grads,
         "params": {n: p.detach().clone() for n, p in task.model.named_parameters()},
         "probe": torch.rand(4, generator=task.generator),

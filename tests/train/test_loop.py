@@ -163,3 +163,47 @@ def test_run_seeds_layout(tmp_path, make_config):
     assert seen[-1] == ([9], tmp_path / "one") and "per_seed" not in single
     with pytest.raises(ValueError, match="duplicates"):
         run_seeds(make_config(run={"seeds": [1, 1]}), tmp_path / "dup", run_one)
+
+
+class RecordingTask(Task):
+    """No evaluation sets; ``loss`` notes the gradient-sync flag the loop set on ``ddp`` and returns
+    two statistics: the batch's first row id and 1."""
+
+    stat_names = ("first", "one")
+
+    def __init__(self, n_train: int) -> None:
+        from types import SimpleNamespace
+
+        self.model = Counter()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.n_train, self.eval_sets = n_train, {}
+        self.ddp = SimpleNamespace(require_backward_grad_sync=None)
+        self.syncs: list[bool] = []
+
+    def loss(self, idx):
+        self.syncs.append(self.ddp.require_backward_grad_sync)
+        stats = torch.tensor([float(idx[0]), 1.0], dtype=torch.float64)
+        return self.model.t * 1.0, stats
+
+
+def test_loop_owns_gradient_sync_and_writes_task_statistics(tmp_path):
+    """7 batches of an epoch, 3 per optimizer step: gradients sync with the 3rd, 6th and (epoch end) 7th
+    batch; the task's statistics are averaged over each record's rows, in step and epoch records."""
+    holder = {}
+
+    def build():
+        holder["task"] = RecordingTask(n_train=26)
+        return holder["task"]
+
+    settings = LoopSettings(epochs=1, batch_size=4, patience=0, progress=False, grad_accum=3, log_every=2,
+                            optimizer_steps=True)
+    metrics = fit(build, settings, tmp_path, seed=0, config={}, fingerprint="f")
+    assert holder["task"].syncs == [False, False, True, False, False, True, True]
+    assert metrics["train"]["steps"] == 3
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [(r["step"], r["epoch_step"]) for r in steps] == [(0, 2), (1, 4), (2, 6), (3, 7)]  # optimizer steps
+    assert all(r["one"] == pytest.approx(1.0) for r in steps)
+    [epoch] = [r for r in records if r["event"] == "epoch"]
+    assert epoch["one"] == pytest.approx(1.0) and epoch["first"] is not None
+    assert steps[-1]["first"] == pytest.approx(float(torch.randperm(26, generator=torch.Generator().manual_seed(0))[24]))
