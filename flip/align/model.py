@@ -304,4 +304,21 @@ class FlipPretrainModel(nn.Module):
         return directory
 
 
-__all__ = ["FlipPretrainModel", "load_feature_counts", "pretrain_batch"]
+def keep_heads_only(run_dir: Path, result: Any = None) -> Any:
+    """Store each weight of a finished pretraining run once: the encoders are in ``id_model.safetensors``
+    and ``plm/``, so the loop's whole-module ``model.safetensors`` becomes ``heads.safetensors`` (the
+    MLM, MTM and ICL heads). Idempotent; returns ``result`` (so a caller can ``return`` through it)."""
+    from safetensors.torch import load_file, save_file
+
+    from flip.io import atomic_file
+
+    full = Path(run_dir) / "model.safetensors"
+    if full.exists():
+        heads = FlipPretrainModel.split_state_dict(load_file(str(full)))["heads"]
+        with atomic_file(Path(run_dir) / "heads.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp))
+        full.unlink()
+    return result
+
+
+__all__ = ["FlipPretrainModel", "keep_heads_only", "load_feature_counts", "pretrain_batch"]

@@ -54,9 +54,9 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
         weights = load_file(str(path))
         return weights if rows is None else remap_rows(weights, pretrained, rows)
 
-    full = pretrained / "model.safetensors"
-    if full.exists():
-        model.load_state_dict(state(full), strict=False)
+    heads = pretrained / "heads.safetensors"  # the heads; the encoders come from id_model.safetensors, plm/
+    if heads.exists():
+        model.load_state_dict(state(heads), strict=False)
     id_model.load_state_dict(state(pretrained / "id_model.safetensors"))
     model.eval()
     return cfg, meta, model, tokenizer

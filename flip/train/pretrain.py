@@ -48,7 +48,7 @@ Outputs (``OUT``)
                          steps, ``epoch_step`` the batch in the epoch); step and epoch records carry
                          ``loss``, ``mlm``, ``mtm``, ``icl`` (+ ``*_acc``), the task's ``STAT_KEYS``
     ``losses.json``      the step records as a list (DVC plots: x ``step``, y ``mlm``/``mtm``/``icl``)
-    ``model.safetensors``  the whole ``FlipPretrainModel`` state dict (encoders + heads)
+    ``heads.safetensors``  the MLM/MTM/ICL heads (each weight stored once: the encoders are below)
     ``id_model.safetensors``  the ID model alone (``IdModel.state_dict()``; ``fc`` untrained)
     ``plm/``             the aligned encoder + tokenizer in Hugging Face format: ``plm.name=OUT/plm``
                          loads it with ``load_plm``
@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip.align.model import OBJECTIVES, FlipPretrainModel, load_feature_counts, pretrain_batch
+from flip.align.model import OBJECTIVES, FlipPretrainModel, keep_heads_only, load_feature_counts, pretrain_batch
 from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
 from flip.data.tokens import TokenizedSplit, tokenize_split
@@ -343,9 +343,7 @@ def pretrain_total_steps(pcfg: Any, n_train: int) -> int:
     ``max_steps`` when > 0."""
     batches = math.ceil(n_train / max(1, int(pcfg.batch_size)))
     total = int(pcfg.epochs) * math.ceil(batches / max(1, int(pcfg.grad_accum)))
-    if int(pcfg.max_steps) > 0:
-        total = min(total, int(pcfg.max_steps))
-    return max(1, total)
+    return max(1, min(total, int(pcfg.max_steps)) if int(pcfg.max_steps) > 0 else total)
 
 
 def pretrain_settings(cfg: Config, device: torch.device, n_train: int, ctx: DistContext | None = None) -> LoopSettings:
@@ -376,7 +374,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
     check_model_name(cfg.id_model.name)  # before any work or output
     if nothing_to_align(cfg):  # Table 5's "w/o MLM&MTM&ICL": the initial models, in a pretraining run's layout
-        return save_unaligned(cfg, dataset_dir, out) if os.environ.get("RANK", "0") == "0" else {}
+        return save_unaligned(cfg, dataset_dir, out)
     set_threads(cfg.run.threads)
     ctx, device = init_distributed(cfg.run.device)
     try:
@@ -418,7 +416,7 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
     (``model.safetensors``, ``log.jsonl``, the statistics in ``run.json``); idempotent, so a run killed
     between the loop's outputs and these is completed by running the command again."""
     if "objectives" in metrics and (out / "plm").is_dir() and (out / "id_model.safetensors").exists():
-        return metrics
+        return keep_heads_only(out, metrics)
     run = read_json(out / "run.json") if (out / "run.json").exists() else {}
     summary = run.get("statistics")
     if summary is None:
@@ -482,7 +480,7 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
         "train": train,
     }
     write_json(out / "metrics.json", result)
-    return result
+    return keep_heads_only(out, result)  # the encoders are stored once, in the parts
 
 
 def _rebuild_model(cfg: Config, dataset_dir: Path, out: Path) -> FlipPretrainModel:

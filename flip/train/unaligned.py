@@ -25,6 +25,8 @@ def save_unaligned(cfg: Config, dataset_dir: Path, out: Path) -> dict[str, Any]:
     """Write ``id_model.safetensors`` (seeded initialisation), ``plm/``, ``config.json``,
     ``dataset_meta.json``, ``vocab.parquet``, an empty ``losses.json``/``log.jsonl`` and a
     ``metrics.json`` that says no step ran."""
+    import os
+
     import torch
     from safetensors.torch import save_file
 
@@ -32,6 +34,8 @@ def save_unaligned(cfg: Config, dataset_dir: Path, out: Path) -> dict[str, Any]:
     from flip.models import build_id_model
     from flip.models.plm import load_plm
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 writes, the others have nothing to do
+        return {}
     dataset_dir = Path(dataset_dir)
     seed = int(cfg.run.seeds[0]) if cfg.run.seeds else 0
     torch.manual_seed(seed)

@@ -85,15 +85,17 @@ def test_every_objective_falls_and_outputs_are_complete(env, main_run):
     assert metrics["params"] > metrics["plm_params"] + metrics["id_model_params"]
     assert 30 < metrics["mean_tokens"] <= 64 and metrics["precision"] == "fp32"
 
-    # the parts: ID model + Hugging Face PLM, equal to the corresponding entries of the full state
-    full = load_file(out / "model.safetensors")
+    # each weight stored once: the ID model, the Hugging Face PLM and the heads, which together are
+    # exactly the pretraining module's state (no key twice, none missing)
+    assert not (out / "model.safetensors").exists()
+    heads = load_file(out / "heads.safetensors")
     ids = load_file(out / "id_model.safetensors")
-    assert all(torch.equal(ids[k], full[f"id_model.{k}"]) for k in ids)
     from flip.models.plm import load_plm
 
     plm, tokenizer = load_plm(PlmConfig(name=str(out / "plm"), max_length=64))
-    for k, v in plm.state_dict().items():
-        assert torch.equal(v, full[f"plm.{k}"]), k
+    stored = [*heads, *(f"id_model.{k}" for k in ids), *(f"plm.{k}" for k in plm.state_dict())]
+    assert len(stored) == len(set(stored)) and any(k.startswith("mlm.") for k in heads)
+    assert set(stored) == set(rebuilt_state(cfg, env[0], out))
     assert tokenizer("Gender is male.")["input_ids"]
     assert json.loads((out / "config.json").read_text())["pretrain"]["lr"] == cfg.pretrain.lr
     assert json.loads((out / "dataset_meta.json").read_text()) == json.loads((env[0] / "meta.json").read_text())
@@ -108,15 +110,35 @@ def test_every_objective_falls_and_outputs_are_complete(env, main_run):
     assert not torch.equal(fresh.embedding.weight, ids["embedding.weight"])
 
 
+def rebuilt_state(cfg, data, out) -> dict:
+    """The pretraining module's whole state rebuilt from a finished run's stored parts."""
+    from flip.align.model import FlipPretrainModel, load_feature_counts
+    from flip.models import build_id_model
+    from flip.models.plm import load_plm
+
+    meta = json.loads((data / "meta.json").read_text())
+    plm, _ = load_plm(PlmConfig(name=str(out / "plm"), max_length=64))
+    model = FlipPretrainModel(build_id_model(cfg.id_model, len(meta["fields"]), meta["vocab_size"]), plm,
+                              cfg.pretrain, meta, load_feature_counts(data, meta["vocab_size"]))
+    model.id_model.load_state_dict(load_file(out / "id_model.safetensors"))
+    missing, unexpected = model.load_state_dict(load_file(out / "heads.safetensors"), strict=False)
+    assert not unexpected and all(k.startswith(("id_model.", "plm.")) for k in missing)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
 def test_finished_run_is_recognised_and_completed(env, main_run):
     cfg, out, metrics = main_run
     log_before = (out / "log.jsonl").read_text()
     assert pretrain(cfg, env[0], out) == json.loads(json.dumps(metrics))
     assert (out / "log.jsonl").read_text() == log_before
 
-    # a kill between the loop's outputs and ours: the next call completes them from model.safetensors
+    # a kill between the loop's outputs and ours: the next call completes them from the loop's
+    # model.safetensors (put back here from the stored parts) and stores each weight once again
     import shutil
 
+    from safetensors.torch import save_file
+
+    save_file(rebuilt_state(cfg, env[0], out), str(out / "model.safetensors"))
     saved = json.loads((out / "metrics.json").read_text())
     (out / "metrics.json").write_text(json.dumps({"train": saved["train"], "params": saved["params"]}))
     (out / "id_model.safetensors").unlink()
@@ -126,6 +148,7 @@ def test_finished_run_is_recognised_and_completed(env, main_run):
     assert {k: again[k] for k in ("loss", "mlm", "mtm", "icl", "steps")} == {
         k: saved[k] for k in ("loss", "mlm", "mtm", "icl", "steps")}
     assert (out / "log.jsonl").read_text() == log_before  # merging twice changes nothing
+    assert not (out / "model.safetensors").exists() and (out / "heads.safetensors").exists()
 
 
 def test_resume_after_crash_gives_identical_results(env, tmp_path, monkeypatch):
@@ -143,8 +166,9 @@ def test_resume_after_crash_gives_identical_results(env, tmp_path, monkeypatch):
     assert [r["event"] for r in records(out, "resume")] == ["resume"]
     keys = ("loss", "mlm", "mtm", "icl", "mean", "accuracy", "mean_accuracy", "steps", "samples", "mean_tokens")
     assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
-    a, b = load_file(tmp_path / "uninterrupted" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("heads.safetensors", "id_model.safetensors", "plm/model.safetensors"):
+        a, b = load_file(tmp_path / "uninterrupted" / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "samples_per_second")} for r in rs]  # noqa: E731
     assert strip(records(out, "step")) == strip(records(tmp_path / "uninterrupted", "step"))
 
@@ -159,9 +183,9 @@ def test_ablation_weights(env, tmp_path, weights, expected):
     assert metrics["objectives"] == expected
     for key in ("mlm", "mtm", "icl"):
         assert (metrics[key] is not None) == (key in expected)
-    full = load_file(tmp_path / "model.safetensors")
-    assert any(k.startswith("mlm.") for k in full) == ("mlm" in expected)
-    assert any(k.startswith("icl.") for k in full) == ("icl" in expected)
+    heads = load_file(tmp_path / "heads.safetensors")
+    assert any(k.startswith("mlm.") for k in heads) == ("mlm" in expected)
+    assert any(k.startswith("icl.") for k in heads) == ("icl" in expected)
     step = records(tmp_path, "step")[-1]
     assert step["loss"] == pytest.approx(sum(step[k] for k in expected), rel=1e-6)
 
