@@ -18,6 +18,7 @@ import typer
 
 from flip.config import Config, ConfigError, load_config
 from flip.errors import FlipError
+from flip.strategies import STRATEGIES
 
 app = typer.Typer(
     help="FLIP: fine-grained alignment between ID-based CTR models and pretrained language models.",
@@ -110,11 +111,11 @@ def pretrain(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
     typer.echo(f"pretrained {metrics.get('steps', '?')} steps ({losses}) -> {out}")
 
 
-@app.command()
+@app.command(help=f"Train a CTR model (finetune.strategy: {' | '.join(STRATEGIES)}).")
 @_stage
 def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
              pretrained: Annotated[Optional[Path], typer.Option(help="pretraining run directory")] = None):
-    """Train a CTR model (finetune.strategy: a row of flip.strategies.STRATEGIES)."""
+    """Train a CTR model with ``finetune.strategy``, a row of ``flip.strategies.STRATEGIES`` (the help lists them)."""
     from flip.train.finetune import finetune as run
 
     cfg = _config(params, set_)

@@ -105,6 +105,7 @@ def _flip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "TQDM_DISABLE": "1"})
 
 
+@pytest.mark.slow
 def test_bad_label_is_one_paragraph_exit_2_and_no_output(served):
     table = served["test"].slice(0, 30).to_pandas()
     table["label"] = table["label"].astype(str)
@@ -119,6 +120,7 @@ def test_bad_label_is_one_paragraph_exit_2_and_no_output(served):
     assert "2 row(s)" in done.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_field_column_names_the_field(served):
     path = served["root"] / "nofield.parquet"
     pq.write_table(served["test"].drop(["city"]), path)

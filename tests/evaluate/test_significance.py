@@ -49,6 +49,7 @@ def test_covariance_matches_brute_force_placements():
     assert np.allclose(aucs, [roc_auc_score(y, s) for s in scores])
 
 
+@pytest.mark.slow
 def test_paired_delta_contrast_over_seeds_and_bootstrap_agreement():
     rng = np.random.default_rng(1)
     n = 4000
