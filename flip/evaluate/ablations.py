@@ -50,11 +50,29 @@ def _dvc(repo: Path, *args: str) -> str:
     return done.stdout
 
 
+COMMITTED = ("dvc.lock", METRICS)  # what an experiment is compared with: the baseline commit's
+
+
+def check_committed(repo: Path) -> None:
+    """Experiments start from the last commit and `dvc exp show` reads each one's metrics from git: the
+    baseline run's dvc.lock and metrics must be committed, unchanged."""
+    for name in COMMITTED:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", name], cwd=repo, capture_output=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--", name], cwd=repo, capture_output=True,
+                                 text=True).stdout.strip()
+        if tracked.returncode or changed:
+            raise FlipError(f"{Path(repo) / name} is {'changed since' if changed and not tracked.returncode else 'not in'} "
+                            "the last commit: the ablations start from the committed run and are compared with its "
+                            "metrics. Fix: run the pipeline (make run), then `git add dvc.lock reports/metrics.json "
+                            "reports/plots && git commit -m 'baseline run'`, then queue them again")
+
+
 def queue(repo: Path, rows: list[str] | None = None) -> list[str]:
     """Queue one DVC experiment per Table 5 row (all rows by default); returns their names."""
     unknown = [r for r in rows or [] if r not in TABLE5]
     if unknown:
         raise FlipError(f"unknown Table 5 row(s) {unknown}: the rows are {', '.join(TABLE5)}")
+    check_committed(repo)
     names = []
     for row in rows or list(TABLE5):
         name = experiment_name(row)

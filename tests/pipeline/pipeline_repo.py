@@ -14,7 +14,7 @@ from helpers import ROOT
 
 
 def make_dvc_repo(path: Path, params_update) -> callable:
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, path / name)
     for folder in ("flip", "flows", "profiles"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -40,8 +40,16 @@ def test_dvc_repro_whole_pipeline_then_an_ablation(tmp_path):
     assert (repo / "reports/index.html").exists() and (repo / "reports/analysis/fig5_field_similarity.png").exists()
     assert "Running stage" not in run("dvc", "repro")  # nothing left to do
 
+    from flip.errors import FlipError
+    from flip.evaluate.ablations import check_committed
+
+    with pytest.raises(FlipError, match="not in the last commit"):  # ablations start from a committed run
+        check_committed(repo)
     run("git", "add", "-A")
     run("git", "commit", "-qm", "baseline")
+    tracked = run("git", "ls-files", "reports").split()  # .gitignore keeps the DVC metrics and plots in git only
+    assert "reports/metrics.json" in tracked and "reports/plots/roc/flip.json" in tracked
+    assert "reports/eval.json" not in tracked and "reports/index.html" not in tracked
     # the report's numbers are this run's: the metrics DVC shows are the ones eval.json holds
     assert len(json.loads(run("dvc", "metrics", "show", "--json"))[""]["data"]["reports/metrics.json"]["data"]) <= 6
     shown = run("dvc", "metrics", "show").splitlines()[0].split()
