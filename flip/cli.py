@@ -284,6 +284,15 @@ def ablations(action: Annotated[str, typer.Argument(help="queue: queue the Table
         raise FlipError(f"unknown action {action!r}: use `flip ablations queue` or `flip ablations collect`")
 
 
+@app.callback()
+def _tools_env() -> None:
+    """(Runs before every command.) Telemetry off and the language model offline for the tools a
+    stage starts (flip.environment)."""
+    from flip.environment import apply
+
+    apply()
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="flip")
 
