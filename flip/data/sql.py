@@ -87,11 +87,13 @@ def _walk(node: Any, found: list[dict]) -> None:
             _walk(v, found)
 
 
-def check_rule(rule: str, setting: str) -> str:
+def check_rule(rule: str, setting: str, con: Any = None) -> str:
     """``rule`` itself when it is one boolean expression over ``value``, else a :class:`SettingError`
     naming ``setting``. Checked on DuckDB's own tokens and parse tree: no ``;`` or comment, balanced
     parentheses, one SELECT item with no FROM, and only allowed expression nodes (no subquery, window,
-    lambda, parameter), columns and functions. Refuses, never repairs."""
+    lambda, parameter), columns and functions. Refuses, never repairs. ``con``: a connection to parse
+    on (the rule is passed as a string parameter to ``json_serialize_sql``, never run); default a new
+    locked one."""
     import duckdb
 
     if not isinstance(rule, str) or not rule.strip():
@@ -123,8 +125,10 @@ def check_rule(rule: str, setting: str) -> str:
         raise _rule_error(setting, rule, f"it is not valid SQL ({str(exc).splitlines()[0]})") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise _rule_error(setting, rule, "it is not a single expression")
-    with locked_connection() as con:  # the rule is only parsed (a string parameter), never run
-        tree = json.loads(con.execute("SELECT json_serialize_sql($1)", [wrapped]).fetchone()[0])
+    if con is None:
+        with locked_connection() as own:
+            return check_rule(rule, setting, own)
+    tree = json.loads(con.execute("SELECT json_serialize_sql($1)", [wrapped]).fetchone()[0])
     if tree.get("error") or len(tree.get("statements", [])) != 1:
         raise _rule_error(setting, rule, f"it is not a single expression ({tree.get('error_message', '')})")
     node = tree["statements"][0]["node"]
@@ -153,10 +157,10 @@ def check_rule(rule: str, setting: str) -> str:
     return rule
 
 
-def rule_sql(rule: str, setting: str) -> str:
+def rule_sql(rule: str, setting: str, con: Any = None) -> str:
     """The checked rule, parenthesised on lines of its own, for a query whose FROM exposes a column
     ``value`` (the rule's ``value`` binds to it by name: string literals are left as they are)."""
-    return f"(\n{check_rule(rule, setting)}\n)"
+    return f"(\n{check_rule(rule, setting, con)}\n)"
 
 
 # ----------------------------------------------------------------------------------------- connections

@@ -40,9 +40,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from flip.config import Config, CsvSource
 
 
+# the processed splits' own columns: a field may not take one of these names
+RESERVED_KEYS = ("row", "timestamp", "label", "text", "span_start", "span_end")
+
+
 def _key(column: str) -> str:
-    key = re.sub(r"[^0-9a-zA-Z]+", "_", column).strip("_").lower()
-    return key or "field"
+    """The field name of a user's column: lower-case letters, digits and ``_`` ("User ID" -> user_id); a
+    name the processed splits use for their own columns (row, label, ...) gets ``_field`` appended."""
+    key = re.sub(r"[^0-9a-zA-Z]+", "_", column).strip("_").lower() or "field"
+    return f"{key}_field" if key in RESERVED_KEYS else key
 
 
 def _files(c: "CsvSource") -> list[Path]:
@@ -230,8 +236,8 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
     file is read; ``value`` is a column of the query the rule runs in, so the word inside a string
     literal keeps its meaning."""
     c = cfg.data.csv
-    positive = rule_sql(c.positive, "data.csv.positive") if c.positive else ""
-    drop_rule = rule_sql(c.drop, "data.csv.drop") if c.drop else ""
+    positive = rule_sql(c.positive, "data.csv.positive", con) if c.positive else ""
+    drop_rule = rule_sql(c.drop, "data.csv.drop", con) if c.drop else ""
     needed = [f.column for f in c.fields] + [c.label] + [x for x in (c.timestamp, c.user, c.item) if x]
     needed = list(dict.fromkeys(needed))
     con.execute("CREATE TABLE IF NOT EXISTS files_read (path VARCHAR, rows BIGINT)")
