@@ -76,6 +76,18 @@ def pwn_target(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------- identifiers
 
+def test_the_reproduced_exploit_writes_nothing(tmp_path):
+    """The header that, before the fix, closed the quoted name in the repeated-header check and ran a COPY
+    writing a file outside the output (reproduced: pwned.csv appeared and the run ended with exit 2)."""
+    target = pwn_target(tmp_path)
+    evil = f"user\" IS NULL OR \"user\" = 'user'; COPY (SELECT 1) TO '{target}'; SELECT \"user"
+    log = write_log(tmp_path / "clicks.csv", ["user", evil, "genre", "rating"], rows_for())
+    result, out = run_preprocess(tmp_path, [log], ["user", "genre"], "rating", positive="value > 3")
+    assert result.exit_code == 0, result.output
+    assert not target.exists()
+    assert values_by_field(out)["genre"] == [r[2] for r in rows_for()]
+
+
 def test_header_cell_that_closes_the_quoted_name_is_only_a_name(tmp_path):
     target = pwn_target(tmp_path)
     evil = f"x\" ; COPY (SELECT 1) TO '{target}'; --"
@@ -142,6 +154,33 @@ def test_parquet_column_names_with_quotes_are_names(tmp_path):
     assert result.exit_code == 0, result.output
     assert not target.exists()
     assert values_by_field(out)[_key(evil)] == [r[2] for r in rows]
+
+
+def test_a_latin1_log_is_transcoded_inside_the_locked_connections_folders(tmp_path):
+    """Non-UTF-8 files are transcoded first; the copy lies under the connection's spill folder, which is
+    the only place besides the inputs that it may read."""
+    log = tmp_path / "clicks.csv"
+    lines = ["user,it\"em,genre,rating"] + [",".join(r[:2] + ["caf\xe9" if i % 2 else r[2], r[3]])
+                                          for i, r in enumerate(rows_for())]
+    log.write_bytes(("\n".join(lines) + "\n").replace('it"em', '"it""em"').encode("latin-1"))
+    result, out = run_preprocess(tmp_path, [log], ["user", 'it"em', "genre"], "rating", positive="value > 3",
+                                 encoding="latin-1")
+    assert result.exit_code == 0, result.output
+    values = values_by_field(out)
+    assert values["genre"][1] == "caf\xe9" and values["it_em"] == [r[1] for r in rows_for()]
+
+
+def test_a_memory_limit_setting_is_a_value(tmp_path):
+    target = pwn_target(tmp_path)
+    log = write_log(tmp_path / "clicks.csv", ["user", "item", "genre", "rating"], rows_for())
+    params = {"data": {"dataset": "csv", "csv": {"files": [str(log)], "label": "rating", "positive": "value > 3",
+                                                 "fields": [{"column": "user", "name": "User"}]}},
+              "preprocess": {"memory_limit": f"1GB'; COPY (SELECT 1) TO '{target}'; SET memory_limit = '2GB"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "processed" / "csv"
+    result = runner.invoke(app, ["preprocess", "--params", str(tmp_path / "params.yaml"), "--out", str(out), "-q"])
+    assert_one_paragraph_failure(result, out, "preprocess.memory_limit")
+    assert not target.exists()
 
 
 def test_a_header_cell_with_a_line_break_is_refused_in_one_paragraph(tmp_path):
