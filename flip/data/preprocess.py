@@ -25,7 +25,8 @@ from typing import Any
 
 from flip.config import Config
 from flip.data.sources import get_source
-from flip.data.sources.base import SourceInfo, sql_str
+from flip.data.sources.base import SourceInfo
+from flip.data.sql import locked_connection, quote_ident, sql_str
 from flip.errors import DataError
 from flip.io import atomic_dir, read_json, write_json
 
@@ -56,15 +57,12 @@ def text_and_spans_sql(titles: list[str]) -> tuple[str, str, str]:
     return text, "[" + ", ".join(starts) + "]::INTEGER[]", "[" + ", ".join(ends) + "]::INTEGER[]"
 
 
-def connect(workdir: Path, cfg: Config):
-    import duckdb
-
-    con = duckdb.connect(str(workdir / "work.duckdb"))
-    con.execute(f"SET memory_limit = {sql_str(cfg.preprocess.memory_limit)}")
-    con.execute(f"SET threads = {int(cfg.preprocess.threads)}")
-    con.execute(f"SET temp_directory = {sql_str(str(workdir / 'spill'))}")
-    con.execute("SET preserve_insertion_order = true")
-    return con
+def connect(workdir: Path, cfg: Config, *, read: list[Path] = (), write: list[Path] = ()):
+    """The preprocessing database in ``workdir``, locked down (:func:`flip.data.sql.locked_connection`): it
+    may read ``read`` (the raw files) and write only ``workdir`` and ``write`` (the output's temp folder)."""
+    return locked_connection(workdir / "work.duckdb", read=list(read), write=[workdir, *write],
+                             memory_limit=cfg.preprocess.memory_limit, threads=int(cfg.preprocess.threads),
+                             temp_directory=workdir / "spill")
 
 
 def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -82,7 +80,8 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
     log = print if progress else (lambda *a, **k: None)
 
     with tempfile.TemporaryDirectory(prefix=".preprocess-", dir=out_dir.parent) as work, atomic_dir(out_dir) as tmp:
-        con = connect(Path(work), cfg)
+        inputs = getattr(source, "inputs", None)  # a source reading files outside raw_dir names them
+        con = connect(Path(work), cfg, read=[Path(raw_dir), *(inputs(cfg) if inputs else [])], write=[tmp])
         origin = "the files of data.csv.files" if cfg.data.dataset == "csv" else raw_dir
         log(f"[preprocess] reading {info.name} from {origin}")
         source.load(con, Path(raw_dir), cfg)
@@ -132,7 +131,8 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
 
         text, starts, ends = text_and_spans_sql(titles)
         ids = ", ".join(
-            f"coalesce(vocab_{k}.gid, {f['oov_id']})::INTEGER AS \"{f['name']}\"" for k, f in enumerate(fields_meta)
+            f"coalesce(vocab_{k}.gid, {int(f['oov_id'])})::INTEGER AS {quote_ident(f['name'])}"
+            for k, f in enumerate(fields_meta)
         )
         joins = " ".join(f"LEFT JOIN vocab_{k} ON o.v_{k} = vocab_{k}.value" for k in range(len(names)))
         stats: dict[str, dict[str, Any]] = {}
@@ -194,12 +194,10 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
 def split_values(data_dir: Path, split: str) -> Any:
     """A processed split back as raw values (Arrow): ``row``, ``label`` and one VARCHAR column per field,
     each value cut from the row's text by its character span (what a model's vocabulary maps)."""
-    import duckdb
-
     meta = read_json(Path(data_dir) / "meta.json")
     cols = ", ".join(
-        f"substr(text, span_start[{k + 1}] + 1, span_end[{k + 1}] - span_start[{k + 1}]) AS \"{f['name']}\""
+        f"substr(text, span_start[{k + 1}] + 1, span_end[{k + 1}] - span_start[{k + 1}]) AS {quote_ident(f['name'])}"
         for k, f in enumerate(meta["fields"]))
-    path = sql_str(str(Path(data_dir) / f"{split}.parquet"))
-    with duckdb.connect() as con:
-        return con.sql(f"SELECT row, label::VARCHAR AS label, {cols} FROM read_parquet({path}) ORDER BY row").to_arrow_table()
+    with locked_connection(read=[Path(data_dir)]) as con:
+        return con.sql(f"SELECT row, label::VARCHAR AS label, {cols} FROM read_parquet($1) ORDER BY row",
+                       params=[str(Path(data_dir) / f"{split}.parquet")]).to_arrow_table()

@@ -58,12 +58,12 @@ def _suite(gx: Any, name: str, meta: dict[str, Any], cfg: Config, split: str,
 def time_band(data_dir: Path, width: float = 5.0) -> tuple[int, int]:
     """The plausible period of the log: its 1st..99th percentile of time, widened by ``width`` times that
     span on each side. A 1970 timestamp among 2000-2003 ones lies far outside it."""
-    import duckdb
+    from flip.data.sql import locked_connection
 
-    files = "[" + ", ".join(f"'{data_dir / s}.parquet'" for s in ("train", "valid", "test")) + "]"
-    with duckdb.connect() as con:
-        q1, q99 = con.sql(f"SELECT quantile_disc(timestamp, 0.01), quantile_disc(timestamp, 0.99) "
-                          f"FROM read_parquet({files})").fetchall()[0]
+    files = [str(Path(data_dir) / f"{s}.parquet") for s in ("train", "valid", "test")]
+    with locked_connection(read=[Path(data_dir)]) as con:
+        q1, q99 = con.execute("SELECT quantile_disc(timestamp, 0.01), quantile_disc(timestamp, 0.99) "
+                              "FROM read_parquet($1)", [files]).fetchall()[0]
     span = max(int(q99) - int(q1), 1)
     return int(q1 - width * span), int(q99 + width * span)
 

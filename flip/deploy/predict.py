@@ -51,7 +51,8 @@ def _key(column: str) -> str:
 
 
 def _reader(paths: list[Path]) -> str:
-    from flip.data.sources.base import sql_str
+    """The table function reading ``paths`` (each path a quoted SQL literal: a view cannot hold parameters)."""
+    from flip.data.sql import sql_str
 
     files = "[" + ", ".join(sql_str(str(p)) for p in paths) + "]"
     suffixes = {"".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix for p in paths}
@@ -63,30 +64,49 @@ def _reader(paths: list[Path]) -> str:
                     fix="give CSV (.csv, .tsv, .txt, optionally .gz) or Parquet files, all of one kind")
 
 
+OUTPUT_COLUMNS = ("prob", "label")  # written next to the id column
+
+
 def _table_rows(con: Any, bundle: Bundle, relation: str, where: str, id_column: str) -> tuple[bool, str]:
     """View ``rows`` (_id, [label], v_0 … v_{F-1}) over a table with a column per field: a plain
-    projection, so DuckDB streams it in the input's order (no sort, no join, bounded memory)."""
-    from flip.data.sources.base import clean_text
+    projection, so DuckDB streams it in the input's order (no sort, no join, bounded memory).
 
-    columns = list(con.sql(f"SELECT * FROM {relation} LIMIT 0").columns)
+    The input's columns are renamed by position (``c_0 …``) and matched to the model's fields in
+    Python: neither a column name of the input, nor ``--id-column``, nor a field name of the bundle
+    ever becomes SQL."""
+    from flip.data.sources.base import clean_text
+    from flip.data.sql import positional
+
+    try:
+        columns = [str(c) for c in con.sql(f"SELECT * FROM {relation} LIMIT 0").columns]
+    except Exception as exc:  # duckdb.Error: unreadable file, no header
+        raise DataError(f"cannot be read: {str(exc).splitlines()[0]}", file=where,
+                        fix="give CSV files with a header line, or Parquet files") from exc
+    sql = positional(len(columns))
+    by_name = {}
+    for j, c in enumerate(columns):
+        by_name.setdefault(c, sql[j])
+    shown = ", ".join(repr(c) for c in columns)
     chosen = []
     for f in bundle.fields:
-        match = [c for c in columns if c == f["name"] or c == f["title"] or _key(c) == f["name"]]
+        match = [j for j, c in enumerate(columns) if c == f["name"] or c == f["title"] or _key(c) == f["name"]]
         if not match:
-            raise DataError(f"no column for the model's field {f['name']!r} ({f['title']})", file=where,
-                            column=f["name"], fix=f"give a column per field: {', '.join(x['name'] for x in bundle.fields)}"
-                            f" (found {', '.join(columns)})")
-        chosen.append(match[0])
+            raise DataError(f"no column for the model's field {f['name']!r} ({f['title']!r})", file=where,
+                            column=f["name"], fix=f"give a column per field: "
+                            f"{', '.join(repr(x['name']) for x in bundle.fields)} (found {shown})")
+        chosen.append(sql[match[0]])
     id_col = id_column or next((c for c in ("id", "row") if c in columns), "")
-    if id_col and id_col not in columns:
+    if id_col and id_col not in by_name:
         raise DataError(f"no id column {id_col!r}", file=where, column=id_col,
-                        fix=f"name one of the columns ({', '.join(columns)}) with --id-column")
-    has_label = "label" in columns
-    casts = [clean_text('CAST("' + c.replace('"', '""') + '" AS VARCHAR)') for c in chosen]
-    values = ", ".join(f"{expr} AS v_{k}" for k, expr in enumerate(casts))
-    ident = f'"{id_col}" AS _id, ' if id_col else ""
-    label = 'trim(CAST("label" AS VARCHAR)) AS label, ' if has_label else ""
-    con.execute(f"CREATE TEMP VIEW rows AS SELECT {ident}{label}{values} FROM {relation}")
+                        fix=f"name one of the columns ({shown}) with --id-column")
+    if id_col in OUTPUT_COLUMNS:
+        raise DataError(f"the id column cannot be {id_col!r}: the output has a column of that name", file=where,
+                        column=id_col, fix="name another column with --id-column")
+    has_label = "label" in by_name
+    values = ", ".join(f"{clean_text(f'CAST({c} AS VARCHAR)')} AS v_{k}" for k, c in enumerate(chosen))
+    ident = f"{by_name[id_col]} AS _id, " if id_col else ""
+    label = f"trim(CAST({by_name['label']} AS VARCHAR)) AS label, " if has_label else ""
+    con.execute(f"CREATE TEMP VIEW rows AS SELECT {ident}{label}{values} FROM {relation} AS t({', '.join(sql)})")
     if has_label:
         bad_label = "label IS NULL OR label NOT IN ('0', '1')"
         bad = con.sql(f"SELECT count(*) FROM rows WHERE {bad_label}").fetchall()[0][0]
@@ -201,25 +221,26 @@ def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any
     import shutil
     import tempfile
 
-    import duckdb
     import pyarrow as pa
 
     from flip.config import config_from_dict
-    from flip.data.sources.base import sql_str
+    from flip.data.sql import locked_connection
 
+    paths = [Path(p) for p in inputs or []]
     spill = tempfile.mkdtemp(prefix="flip-predict-")
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = {sql_str(config_from_dict(bundle.info['config']).preprocess.memory_limit)}")
-    con.execute(f"SET temp_directory = {sql_str(spill)}")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    con.execute("SET preserve_insertion_order = true")
+    try:  # it reads only the inputs and writes only its spill folder (the bundle and inputs are untrusted)
+        con = locked_connection(read=paths if table is None else [], write=[spill], temp_directory=spill,
+                                memory_limit=config_from_dict(bundle.info["config"]).preprocess.memory_limit,
+                                memory_setting="the bundle's preprocess.memory_limit (model.json)",
+                                threads=threads)
+    except BaseException:
+        shutil.rmtree(spill, ignore_errors=True)
+        raise
     try:
         if table is not None:
             con.register("input_table", table)
             has_label, id_name = _table_rows(con, bundle, "input_table", "(input table)", id_column)
         else:
-            paths = [Path(p) for p in inputs or []]
             if not paths:
                 raise FlipError("no input given. Fix: flip predict --input FILE [--input FILE ...] --out FILE")
             for p in paths:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flip.data.sql import is_locked, safe_ident, sql_str  # noqa: F401 - sql_str re-exported for callers
 from flip.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,11 +72,6 @@ def find_raw(directory: Path, name: str) -> Path:
     path = Path(directory) / name
     gz = path.with_name(path.name + ".gz")
     return gz if not path.exists() and gz.exists() else path
-
-
-def sql_str(text: str) -> str:
-    """Quote a Python string as a SQL literal."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def clean_text(expr: str) -> str:
@@ -189,8 +185,13 @@ def read_delimited(
     escape: str = "",
     fix: str = "",
     complete_lines: bool = False,
+    names: list[str] | None = None,
 ) -> int:
     """Read a delimited file into ``table`` (all VARCHAR, plus ``_row``: 1-based data row number).
+
+    ``columns`` are the SQL names of the columns, plain identifiers the code chose (``user_id``, or
+    ``c_0 … c_{n-1}`` for a user's file); ``names`` are the names the user knows them by (a header's
+    cells), used only in messages and to spot a repeated header: a header cell never becomes SQL.
 
     Fails with a :class:`DataError` naming file, row and column for: a missing or empty file,
     an archive, UTF-16 or UTF-8 text where ``encoding`` says otherwise (:func:`sniff`; gzip and
@@ -200,6 +201,11 @@ def read_delimited(
     another dataset under this name, and a last line without its line end (a cut-off file) fail
     too. Returns the row count.
     """
+    for name in (table, *columns):
+        safe_ident(name)
+    shown = names if names is not None else columns
+    if len(shown) != len(columns):
+        raise ValueError("names and columns differ in length")
     if not path.exists():
         raise DataError("file is missing", file=str(path), fix=fix or "put the dataset's official files there")
     if path.stat().st_size == 0:
@@ -232,7 +238,10 @@ def read_delimited(
         )
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
         # DuckDB's own transcoding drops a malformed last record silently: transcode to UTF-8 first
-        with tempfile.TemporaryDirectory(prefix="flip-utf8-") as tmp:
+        # on a locked connection, transcode under its temp_directory (the only place it may read besides
+        # the inputs); elsewhere under the system's temporary folder
+        where = con.execute("SELECT current_setting('temp_directory')").fetchone()[0] if is_locked(con) else None
+        with tempfile.TemporaryDirectory(prefix="flip-utf8-", dir=where or None) as tmp:
             utf8 = Path(tmp) / (path.name[:-3] if path.name.endswith(".gz") else path.name)
             decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
             done, lines = 0, 1
@@ -250,7 +259,7 @@ def read_delimited(
                                     fix=f"re-save the file as {encoding} (or UTF-8), or download it again") from None
             try:
                 return read_delimited(con, utf8, table, columns, delim=delim, header=header, quote=quote,
-                                      escape=escape, fix=fix, complete_lines=False)
+                                      escape=escape, fix=fix, complete_lines=False, names=names)
             except DataError as exc:  # name the user's file, not the transcoded copy
                 exc.args = (str(exc).replace(str(utf8), str(path)),)
                 exc.file = str(path)
@@ -276,7 +285,7 @@ def read_delimited(
     try:
         con.execute(
             f"CREATE OR REPLACE TABLE {table} AS SELECT row_number() OVER () AS _row, * "
-            f"FROM read_csv({sql_str(str(path))}, {', '.join(options)})"
+            f"FROM read_csv($1, {', '.join(options)})", [str(path)]
         )
     except Exception as exc:  # duckdb.Error: sniffing / IO failures
         raise DataError(
@@ -289,11 +298,13 @@ def read_delimited(
     ).fetchall()
     if rejects:
         line, column, kind, text, message = rejects[0]
+        column = dict(zip(columns, shown)).get(column, column)
+        listed = ", ".join(repr(c) for c in shown) if names is not None else ", ".join(columns)
         total = con.execute(f"SELECT count(DISTINCT line) FROM {table}_rejects").fetchone()[0]
         hint = {
             "MISSING COLUMNS": f"each row needs {len(columns)} {delim!r}-separated columns "
-            f"({', '.join(columns)}); the line looks truncated: repair or delete it",
-            "TOO MANY COLUMNS": f"each row needs exactly {len(columns)} columns ({', '.join(columns)}); "
+            f"({listed}); the line looks truncated: repair or delete it",
+            "TOO MANY COLUMNS": f"each row needs exactly {len(columns)} columns ({listed}); "
             f"remove the extra {delim!r} separators or quote the value",
             "INVALID ENCODING": f"the file is not valid {encoding}; re-save it as {encoding} "
             "(or set the encoding, e.g. latin-1, for a csv source)",
@@ -307,8 +318,9 @@ def read_delimited(
             fix=hint,
         )
     if header:
-        names = " AND ".join(f'"{c}" = {sql_str(c)}' for c in columns[: min(2, len(columns))])
-        dup = con.execute(f"SELECT min(_row) FROM {table} WHERE {names}").fetchone()[0]
+        first = list(range(min(2, len(columns))))  # the header's own cells, as parameters
+        same = " AND ".join(f"{columns[j]} = ${j + 1}" for j in first)
+        dup = con.execute(f"SELECT min(_row) FROM {table} WHERE {same}", [shown[j] for j in first]).fetchone()[0]
         if dup is not None:
             raise DataError(
                 "the header line is repeated inside the data (files concatenated with their headers?)",

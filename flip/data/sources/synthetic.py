@@ -72,7 +72,7 @@ def _pick(words: list[str], key: str) -> str:
 def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
     s = cfg.data.synthetic
     fields = info(cfg).fields
-    seed = int(s.seed)
+    seed, users, items, rows = int(s.seed), int(s.users), int(s.items), int(s.rows)  # numbers only reach the SQL
 
     def h(expr: str, salt: str) -> str:  # deterministic 0..2^31 integer
         return f"(hash({expr}, {seed}, {sql_str(salt)}) % 2147483647)::BIGINT"
@@ -103,9 +103,9 @@ def load(con: "duckdb.DuckDBPyConnection", raw: Path, cfg: "Config") -> None:
         CREATE OR REPLACE VIEW samples AS
         WITH base AS (
             SELECT i,
-                   least({s.users - 1}, floor({s.users} * pow({unif('i', 'user')}, 2)))::BIGINT AS u,
-                   least({s.items - 1}, floor({s.items} * pow({unif('i', 'item')}, 2)))::BIGINT AS it
-            FROM range({int(s.rows)}) t(i)
+                   least({users - 1}, floor({users} * pow({unif('i', 'user')}, 2)))::BIGINT AS u,
+                   least({items - 1}, floor({items} * pow({unif('i', 'item')}, 2)))::BIGINT AS it
+            FROM range({rows}) t(i)
         ), feats AS (
             SELECT *, {h('u', 'mood')} % {len(MOODS)} AS umood, {h('it', 'mood')} % {len(MOODS)} AS imood,
                    {unif('it', 'quality')} - 0.5 AS quality, {unif('u', 'activity')} - 0.5 AS activity
