@@ -308,7 +308,7 @@ def _git_path(project: Path, name: str) -> Path:
 
 def _live_git_processes(project: Path) -> list[int] | None:
     """PIDs of running git processes that work in ``project`` (cwd inside it, or its path among their
-    arguments); None without ``/proc``. Our own children (GitPython's cat-file helpers) do not count."""
+    arguments); None without ``/proc``. GitPython's ``cat-file`` readers of this process do not count."""
     proc = Path("/proc")
     if not (proc / "self").exists():
         return None
@@ -320,10 +320,11 @@ def _live_git_processes(project: Path) -> list[int] | None:
             comm = (d / "comm").read_text().strip()
             if comm != "git" and not comm.startswith("git-"):
                 continue
-            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
-                continue
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             cwd = os.readlink(d / "cwd")
             argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if ppid == me and "cat-file" in argv:  # GitPython's persistent reader: never holds index.lock
+                continue
         except FileNotFoundError:  # it ended meanwhile
             continue
         except (OSError, ValueError, IndexError):  # another user's git: it may be working here
