@@ -240,7 +240,7 @@ class RetrainConfig:
     max_auc_drop: float = 0.005  # gate: challenger AUC >= champion AUC - this, on the same rows
     max_logloss_rise: float = 0.01  # gate: challenger logloss <= champion logloss + this
     min_auc: float = 0.55  # gate: the challenger's AUC on the newest window is at least this
-    commit: bool = True  # commit dvc.lock on promotion (a GTO version is a git tag on a commit)
+    commit: bool = True  # commit dvc.lock on promotion; False: HEAD's dvc.lock must record the gated bundle
 
 
 @dataclass

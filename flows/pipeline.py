@@ -135,21 +135,33 @@ def _lock_stages(project: Path) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def gate_artifact(project: str, artifact: str) -> dict[str, Any]:
     """``flip gate``: the challenger (this run's bundle) against the champion (the registry's model in
-    ``retrain.stage``) on the newest window; returns the decision (``reports/gate/<artifact>.json``)."""
+    ``retrain.stage``) on the newest window; returns the decision (``reports/gate/<artifact>.json``).
+    A gate that cannot decide (an unreadable registry, a missing bundle) raises: the run fails, nothing
+    is promoted."""
     logger = get_run_logger()
+    out = Path(project) / "reports" / "gate" / f"{artifact}.json"
+    out.unlink(missing_ok=True)  # never promote on an older run's decision
     code, lines = stream([str(Path(sys.executable).parent / "flip"), "gate", "--artifact", artifact], project, logger)
     if code != 0:
         raise RuntimeError(f"flip gate --artifact {artifact} failed (exit {code}): " + "\n".join(lines[-10:]))
-    return json.loads((Path(project) / "reports" / "gate" / f"{artifact}.json").read_text())
+    return json.loads(out.read_text())
 
 
 @task(cache_policy=NO_CACHE)
-def promote_artifact(project: str, artifact: str, stage: str, commit: bool, message: str) -> dict[str, str]:
-    """Commit ``dvc.lock``, register the next GTO version of ``artifact`` and assign ``stage`` to it."""
+def promote_artifact(project: str, artifact: str, stage: str, commit: bool, message: str,
+                     stale_ok: list[str] | None = None) -> dict[str, Any]:
+    """Register the gated bundle as the next GTO version of ``artifact`` and assign ``stage`` to it: the
+    journaled transaction of :func:`flip.deploy.registry.promote` (refusals raise FlipError), then
+    ``dvc push`` / ``git push --tags`` where remotes exist."""
     from flip.deploy.registry import promote
 
-    done = promote(Path(project), artifact, stage, commit=commit, message=message)
-    get_run_logger().info("promoted %s %s to %s (commit %s)", artifact, done["version"], stage, done["commit"][:8])
+    logger = get_run_logger()
+    done = promote(Path(project), artifact, stage, commit=commit, message=message, stale_ok=stale_ok or (),
+                   log=logger.info)
+    logger.info("promoted %s %s to %s (commit %s, bundle %s)", artifact, done["version"], stage, done["commit"][:8],
+                done["bundle_md5"])
+    if done["warning"]:
+        logger.warning("%s %s is not pushed: %s", artifact, done["version"], done["warning"])
     return done
 
 
@@ -170,11 +182,17 @@ def summary_markdown(result: dict[str, Any]) -> str:
             promoted = result.get("promoted", {}).get(name)
             decision = f"promoted {promoted['version']}" if promoted else ("promote" if g["promote"] else "refused")
             lines.append("| " + " | ".join([
-                name, champ["version"] if champ else "none",
-                f"{g['challenger']['auc']:.4f}", f"{champ['auc']:.4f}" if champ else "-",
+                name, (champ.get("version") or "given") if champ else "none",
+                f"{g['challenger']['auc']:.4f}", f"{champ['auc']:.4f}" if champ and "auc" in champ else "-",
                 f"{d['auc']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "-",
                 f"{d['p_value']:.3f}" if d else "-", f"{d['logloss']:+.4f}" if d else "-", decision]) + " |")
         lines += ["", *[f"- {name}: {'; '.join(g['reasons'])}" for name, g in result["gates"].items()]]
+    for name, p in (result.get("promoted") or {}).items():
+        if p.get("warning"):
+            lines.append(f"- **{name} {p['version']} is not pushed**: {p['warning']}")
+    for r in result.get("recovered") or []:
+        lines.append(f"- recovered an interrupted promotion of {r['artifact']} (step {r['step']}): {r['action']}"
+                     + (f" {r['version']}" if r.get("version") else ""))
     return "\n".join(lines)
 
 
@@ -247,20 +265,38 @@ def retrain(project: str = ".", pull_new_data: bool = True):
     result["outputs"].update(finetune(project))
     result["outputs"].update(evaluate(project))
 
+    # the gate and the promotion: a crashed earlier promotion is finished (or rolled back) first; a gate
+    # that cannot decide, or a promotion that refuses, ends the run Failed
+    from flip.deploy.registry import recover
+
+    try:
+        result["recovered"] = recover(root, log=logger.info)
+        for artifact in rc.artifacts:
+            artifact_path(root, artifact)  # declared in dvc.yaml
+    except FlipError as exc:
+        return finish("PromotionFailed", f"error: {exc}", False)
     for artifact in rc.artifacts:
-        artifact_path(root, artifact)  # declared in dvc.yaml
-        result["gates"][artifact] = gate_artifact(project, artifact)
+        try:
+            result["gates"][artifact] = gate_artifact(project, artifact)
+        except Exception as exc:  # (the task's exception: flip gate printed the reason)
+            return finish("GateFailed", f"the gate of {artifact} could not decide, nothing promoted: {exc}", False)
     refused = [a for a, g in result["gates"].items() if not g["promote"]]
     for artifact, g in result["gates"].items():
         if g["promote"]:
-            result["promoted"][artifact] = promote_artifact(
-                project, artifact, rc.stage, rc.commit,
-                f"retrain: {artifact} (AUC {g['challenger']['auc']:.4f} on the newest window)")
+            try:
+                result["promoted"][artifact] = promote_artifact(
+                    project, artifact, rc.stage, rc.commit,
+                    f"retrain: {artifact} (AUC {g['challenger']['auc']:.4f} on the newest window)",
+                    ["pretrain"] if reuse else [])
+            except FlipError as exc:
+                return finish("PromotionRefused", f"{artifact} passed the gate but was not promoted: {exc}", False)
     if refused:
         why = "; ".join(f"{a}: {'; '.join(result['gates'][a]['reasons'])}" for a in refused)
         return finish("NotPromoted", f"the champion stays for {', '.join(refused)}: {why}", False)
     versions = ", ".join(f"{a} {p['version']}" for a, p in result["promoted"].items())
-    return finish("Promoted", f"promoted {versions} to {rc.stage}", True)
+    unpushed = [f"{a} {p['version']}" for a, p in result["promoted"].items() if not p.get("pushed")]
+    note = f" ({', '.join(unpushed)} not pushed: see the warnings)" if unpushed else ""
+    return finish("Promoted", f"promoted {versions} to {rc.stage}{note}", True)
 
 
 if __name__ == "__main__":  # pragma: no cover

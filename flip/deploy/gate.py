@@ -12,10 +12,19 @@ values through its *own* training vocabulary (the champion was trained on older 
 * Δlogloss = challenger − champion ≤ ``retrain.max_logloss_rise``.
 
 Without a champion (the first run) only the first rule applies.
+
+The gate fails closed. Every comparison is written ``not (x >= bound)`` so that a NaN never passes; a
+window with one class (AUC undefined) is refused with that reason; a champion whose training rows
+may lie in the window (its ``model.json`` ``train_time_range`` does not end before the window's first
+timestamp, or is missing) is refused, as scoring it on its own training rows would flatter it. Data
+without timestamps is ordered by file and row (``ts`` is the row order there), so the same test holds.
+The decision records the md5 DVC would record for the challenger bundle (:func:`~flip.deploy.registry.dir_md5`):
+a promotion registers that bundle or nothing.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +32,7 @@ import numpy as np
 
 from flip.config import RetrainConfig
 from flip.data.preprocess import split_values
+from flip.errors import FlipError
 from flip.io import read_json, write_json
 
 
@@ -43,19 +53,26 @@ def score_window(bundle_dir: Path, table: Any) -> tuple[np.ndarray, np.ndarray, 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None, delta: dict[str, Any] | None,
            rule: RetrainConfig) -> tuple[bool, list[str]]:
-    """Apply the gate; returns (promote, reasons) where reasons explain a refusal (or say why it passed)."""
+    """Apply the gate; returns (promote, reasons) where reasons explain a refusal (or say why it passed).
+    Each test is ``not (value within bound)``: NaN (one class, a broken model) refuses."""
     reasons = []
     if not challenger["auc"] >= rule.min_auc:  # (nan: the window has one class only)
         reasons.append(f"the challenger's AUC on the newest window is {challenger['auc']:.4f}, below the floor "
                        f"retrain.min_auc={rule.min_auc:g}: the new data may be broken (labels, features)")
-    if champion is not None and delta is not None:
-        if delta["delta"] < -rule.max_auc_drop:
-            reasons.append(f"ΔAUC vs the champion is {delta['delta']:+.4f} [{delta['ci_low']:+.4f}, "
-                           f"{delta['ci_high']:+.4f}], worse than -retrain.max_auc_drop={-rule.max_auc_drop:g}")
-        d_ll = challenger["logloss"] - champion["logloss"]
-        if d_ll > rule.max_logloss_rise:
-            reasons.append(f"Δlogloss vs the champion is {d_ll:+.4f}, above retrain.max_logloss_rise="
-                           f"{rule.max_logloss_rise:g}")
+    if not math.isfinite(challenger["logloss"]):
+        reasons.append(f"the challenger's logloss on the newest window is {challenger['logloss']}: its "
+                       "probabilities are not finite")
+    if champion is not None:
+        if delta is None:
+            reasons.append("a champion is given but there is no paired comparison with it")
+        else:
+            if not delta["delta"] >= -rule.max_auc_drop:
+                reasons.append(f"ΔAUC vs the champion is {delta['delta']:+.4f} [{delta['ci_low']:+.4f}, "
+                               f"{delta['ci_high']:+.4f}], worse than -retrain.max_auc_drop={-rule.max_auc_drop:g}")
+            d_ll = challenger["logloss"] - champion["logloss"]
+            if not d_ll <= rule.max_logloss_rise:
+                reasons.append(f"Δlogloss vs the champion is {d_ll:+.4f}, above retrain.max_logloss_rise="
+                               f"{rule.max_logloss_rise:g}")
     if reasons:
         return False, reasons
     if champion is None:
@@ -64,30 +81,84 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None, delt
                   f"{challenger['logloss'] - champion['logloss']:+.4f} ≤ {rule.max_logloss_rise:g}"]
 
 
+def _time_range(value: Any) -> tuple[float, float] | None:
+    """A ``[first, last]`` timestamp pair as numbers, or None when absent or malformed."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    try:
+        first, last = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    return (first, last) if math.isfinite(first) and math.isfinite(last) else None
+
+
+def overlap_reason(window: Any, champion_train: Any, champion: str) -> str | None:
+    """Why the window may hold the champion's training rows (None: the window starts after them)."""
+    w, t = _time_range(window), _time_range(champion_train)
+    if w is None:
+        return ("the newest window has no time range (meta.json time_range.test): the gate cannot show the "
+                "champion was not trained on its rows; run `flip preprocess` again")
+    if t is None:
+        return (f"the champion {champion} records no training time range (model.json train_time_range, "
+                "written by `flip package`): the gate cannot show it was not trained on the window's rows; "
+                "repackage it or pass --champion none")
+    if not w[0] > t[1]:
+        return (f"the newest window (timestamps {window[0]}..{window[1]}) overlaps the champion {champion}'s "
+                f"training rows ({champion_train[0]}..{champion_train[1]}): it would be scored on rows it was "
+                "trained on. Fix: gate on data newer than the champion's training data (or, for data without "
+                "timestamps, rows appended after them)")
+    return None
+
+
 def gate(challenger: Path, champion: Path | None, data_dir: Path, rule: RetrainConfig, out: Path, *,
          artifact: str = "", champion_version: str = "") -> dict[str, Any]:
-    """Score both bundles on the newest window of ``data_dir``, compare them, decide; write ``out`` (JSON)."""
+    """Score both bundles on the newest window of ``data_dir``, compare them, decide; write ``out`` (JSON).
+    ``challenger.md5`` is the bundle's DVC hash, taken before scoring (what a promotion must register)."""
+    from flip.deploy.registry import dir_md5
     from flip.evaluate.metrics import auc, logloss
     from flip.evaluate.significance import paired_delta
 
     meta = read_json(Path(data_dir) / "meta.json")
+    window = meta.get("time_range", {}).get("test")
+    md5 = dir_md5(challenger)
     table = split_values(data_dir, "test")
     y, p_new, oov_new = score_window(challenger, table)
+    classes = np.unique(y)
     result: dict[str, Any] = {
         "artifact": artifact or Path(challenger).name,
-        "window": {"split": "test", "rows": int(len(y)), "time_range": meta.get("time_range", {}).get("test"),
+        "window": {"split": "test", "rows": int(len(y)), "time_range": window,
                    "positive_rate": float(y.mean()) if len(y) else None},
-        "challenger": {"path": str(challenger), "auc": auc(y, p_new), "logloss": logloss(y, p_new), "oov_rows": oov_new},
+        "challenger": {"path": str(challenger), "md5": md5, "auc": auc(y, p_new) if len(y) else math.nan,
+                       "logloss": logloss(y, p_new) if len(y) else math.nan, "oov_rows": oov_new},
         "champion": None,
         "delta": None,
         "rule": {"min_auc": rule.min_auc, "max_auc_drop": rule.max_auc_drop,
                  "max_logloss_rise": rule.max_logloss_rise},
     }
+    refused: list[str] = []
+    if classes.size < 2:
+        only = f"all {int(classes[0])}" if classes.size else "no rows"
+        refused.append(f"the newest window has only one class ({len(y):,} rows, {only}): AUC undefined, the gate "
+                       "cannot compare models on it. Fix: wait for a window with clicks and non-clicks, or check the "
+                       "labels of the new data")
+    if champion is not None:
+        name = champion_version or str(champion)
+        train_range = read_json(Path(champion) / "model.json").get("train_time_range")
+        result["champion"] = {"path": str(champion), "version": champion_version, "md5": dir_md5(champion),
+                              "train_time_range": train_range}
+        why = overlap_reason(window, train_range, name)
+        if why:
+            refused.append(why)
+    if refused:
+        result["promote"], result["reasons"] = False, refused
+        write_json(out, result)
+        return result
     if champion is not None:
         y_old, p_old, oov_old = score_window(champion, table)
-        assert np.array_equal(y_old, y), "both models must score the same rows"
-        result["champion"] = {"path": str(champion), "version": champion_version, "auc": auc(y, p_old),
-                              "logloss": logloss(y, p_old), "oov_rows": oov_old}
+        if not np.array_equal(y_old, y):
+            raise FlipError(f"the challenger {challenger} and the champion {champion} scored different rows of "
+                            f"{data_dir}: the paired comparison is impossible. Fix: check both bundles' fields.")
+        result["champion"].update(auc=auc(y, p_old), logloss=logloss(y, p_old), oov_rows=oov_old)
         d = paired_delta(y, {"challenger": p_new}, {"champion": p_old})
         result["delta"] = {"auc": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
                            "p_value": d["p_value"], "logloss": result["challenger"]["logloss"] - result["champion"]["logloss"],
