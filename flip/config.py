@@ -208,7 +208,7 @@ class EvaluateConfig:
     """The evaluate stage: held-out windows, Evidently pages, small-bucket marking."""
 
     slices: int = 4  # the test split cut into this many consecutive time slices (drift, quality per slice)
-    drift_rows: int = 20_000  # windows larger than this are sampled (fixed seed) for the drift tests
+    drift_rows: int = 20_000  # windows larger than this are sampled (seed 0) for every data-drift test
     pages: str = "main"  # Evidently HTML pages (~5 MB each): main | all | none (every window's numbers: eval.json)
     min_bucket_rows: int = 100  # cold-start and reliability buckets with fewer rows are marked "too few rows"
 
