@@ -42,7 +42,10 @@ lock:
 	  | grep -v -i -E '^(flip-ctr|torch|triton|nvidia-[a-z0-9-]+)( @ |==)' ) > requirements.lock
 
 PROFILE ?= quick
+# a short params.yaml (only a data: section) works: flip params --complete first writes the keys it lacks
+# with their defaults (dvc.yaml's stages need every key they interpolate or declare)
 run: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" flip params --complete
 ifeq ($(PROFILE),quick)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 else
@@ -50,6 +53,7 @@ else
 endif
 
 data: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" flip params --complete
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro validate
 
 test: setup

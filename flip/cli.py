@@ -56,6 +56,23 @@ def raw_dir(cfg: Config) -> Path:
     return Path(cfg.data.raw_dir) / cfg.data.dataset
 
 
+@app.command("params")
+@_stage
+def params_(params: Params = Path("params.yaml"),
+            complete: Annotated[bool, typer.Option("--complete", help="write every missing key with its default")] = False):
+    """Check a params file; --complete writes the keys it lacks with their defaults, keeping yours and your
+    comments (dvc repro needs every key; make data and make run call it)."""
+    from flip.config import complete_params
+
+    if complete:
+        added = complete_params(params)
+        typer.echo(f"{params}: added {len(added)} missing key(s) with their defaults: {', '.join(added)}" if added
+                   else f"{params}: complete")
+        return
+    _config(params, None)
+    typer.echo(f"{params}: valid (`flip params --complete` writes the keys it lacks, which dvc repro needs)")
+
+
 @app.command()
 @_stage
 def download(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, quiet: Quiet = False):

@@ -208,7 +208,7 @@ class EvaluateConfig:
     """The evaluate stage: held-out windows, Evidently pages, small-bucket marking."""
 
     slices: int = 4  # the test split cut into this many consecutive time slices (drift, quality per slice)
-    drift_rows: int = 20_000  # windows larger than this are sampled (fixed seed) for the drift tests
+    drift_rows: int = 20_000  # windows larger than this are sampled (seed 0) for every data-drift test
     pages: str = "main"  # Evidently HTML pages (~5 MB each): main | all | none (every window's numbers: eval.json)
     min_bucket_rows: int = 100  # cold-start and reliability buckets with fewer rows are marked "too few rows"
 
@@ -363,3 +363,50 @@ def load_config(path: str | os.PathLike | None = "params.yaml", overrides: list[
         keys, value = parse_override(text)
         apply_override(tree, keys, value)
     return config_from_dict(tree)
+
+
+def complete_params(path: str | os.PathLike = "params.yaml") -> list[str]:
+    """Write every key that ``path`` lacks with its default, keeping the file's own values, order and
+    comments; returns the keys added (a whole missing section is named once). DVC needs the complete
+    file: ``dvc.yaml`` interpolates ``${data.processed_dir}`` and declares whole sections as params, which
+    must be in ``params.yaml`` (``flip <stage>`` alone takes the defaults). The file is checked first (a
+    typo is an error and nothing is written) and read back after (the same config as before)."""
+    import copy
+
+    from ruamel.yaml import YAML  # round-trip YAML (comments kept): DVC's own dependency
+
+    from flip.io import atomic_file
+
+    path = Path(path)
+    before = load_config(path) if path.exists() else Config()  # ConfigError on an unknown key or a bad value
+    rt = YAML()
+    rt.preserve_quotes = True
+
+    def floats(representer: Any, value: float) -> Any:  # 2.0e-05, not 2e-05: PyYAML reads that as a string
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            text = text.replace("e", ".0e", 1)
+        return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+    rt.representer.add_representer(float, floats)
+    doc = rt.load(path.read_text(encoding="utf-8")) if path.exists() else None
+    if doc is None:
+        doc = rt.map()
+    added: list[str] = []
+
+    def fill(node: Any, defaults: dict[str, Any], prefix: str) -> None:
+        for key, value in defaults.items():
+            if key not in node or (node[key] is None and isinstance(value, dict)):
+                node[key] = copy.deepcopy(value)
+                added.append(prefix + key)
+            elif isinstance(value, dict) and isinstance(node[key], dict):
+                fill(node[key], value, f"{prefix}{key}.")
+
+    fill(doc, Config().to_dict(), "")
+    if added:
+        with atomic_file(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                rt.dump(doc, fh)
+            if load_config(tmp) != before:  # the completed file means what the short one meant, or stays unwritten
+                raise ConfigError(f"{path}: completing it would change its settings; nothing written (a bug: report it)")
+    return added

@@ -250,7 +250,7 @@ def retrain(project: str = ".", pull_new_data: bool = True):
 
     drift_file = root / "reports" / "drift" / "drift.json"
     if drift_file.exists():
-        result["drift"] = json.loads(drift_file.read_text())
+        result["drift"] = {**json.loads(drift_file.read_text()), "policy": rc.drift_policy}  # the flow's policy
         if result["drift"]["drift"]:
             reason = "; ".join(result["drift"]["reasons"])
             if rc.drift_policy == "stop":

@@ -52,14 +52,34 @@ def _module_file(name: str):
     return None
 
 
+def _package_modules(package: str) -> list[str]:
+    """Every module of the package ``package`` (its .py files, sub-packages included)."""
+    base = ROOT.joinpath(*package.split("."))
+    return [".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for f in sorted(base.rglob("*.py"))] if base.is_dir() else []
+
+
+def _dynamic_imports(node: ast.AST) -> list[str]:
+    """Every module of package ``flip.x`` for a computed module name ``f"flip.x.{name}"`` (what
+    ``importlib.import_module`` may load: the dataset sources)."""
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        prefix = str(node.values[0].value)
+        if prefix.startswith("flip.") and prefix.endswith("."):
+            return _package_modules(prefix.rstrip("."))
+    return []
+
+
 def _flip_imports(tree: ast.AST) -> set[str]:
-    """Every ``flip`` module named by an import anywhere in ``tree`` (and the packages above it)."""
+    """Every ``flip`` module named by an import anywhere in ``tree`` (and the packages above it),
+    dynamic imports by name included (:func:`_dynamic_imports`)."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             candidates = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.JoinedStr):
+            candidates = _dynamic_imports(node)
         else:
             continue
         for name in candidates:
@@ -119,10 +139,95 @@ def test_stage_deps_cover_the_code_it_imports(name, stage):
 
 
 def test_dependency_scan_finds_lazy_imports():
-    """The scan follows imports inside functions (the CLI's own, the strategies' registry)."""
+    """The scan follows imports inside functions (the CLI's own, the strategies' registry) and imports by
+    a computed name (the dataset sources)."""
     files = imported_files("finetune")
     assert {"flip/train/finetune.py", "flip/evaluate/metrics.py", "flip/data/tensors.py"} <= files
     assert "flip/train/pretrain.py" not in imported_files("drift")
+    assert {"flip/data/sources/synthetic.py", "flip/data/sources/csv.py"} <= imported_files("preprocess")
+
+
+def _covers(dep: str, path: str) -> bool:
+    return path == dep or path.startswith(dep.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("name,stage", STAGES, ids=[n for n, _ in STAGES])
+def test_stage_code_deps_are_what_it_imports(name, stage):
+    """No over-cover: a module file a stage depends on is one its command imports, and a folder it depends
+    on holds only such modules, so that editing code a stage does not run never re-runs it."""
+    files = imported_files(_command(stage)) - SHELL
+    for dep in (d.rstrip("/") for d in stage.get("deps", []) if d.startswith("flip")):
+        inside = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / dep).rglob("*.py")) \
+            if (ROOT / dep).is_dir() else [dep]
+        unused = [f for f in inside if f not in files]
+        assert not unused, f"dvc.yaml stage {name} depends on {dep}, but its command never imports {unused}"
+
+
+def code_readers(path: str) -> set[str]:
+    """The stages of dvc.yaml with a dependency covering the repository file ``path``."""
+    return {name for name, stage in STAGES if any(_covers(d, path) for d in stage.get("deps", []))}
+
+
+def test_editing_a_module_reruns_only_the_stages_that_run_it():
+    assert code_readers("flip/data/quality.py") == {"validate"}  # a Great Expectations check: not pretraining
+    assert code_readers("flip/train/pretrain.py") == {"pretrain"}  # not the scratch baseline
+    assert code_readers("flip/evaluate/report.py") == {"report"}
+    assert "pretrain" not in code_readers("flip/data/preprocess.py")
+    assert code_readers("flip/evaluate/monitoring.py") == {"drift", "evaluate"}
+
+
+# ------------------------------------------------------------------------------------ params
+def _overridden(stage: dict) -> list[str]:
+    """The keys a stage's command fixes with ``-S key=value``."""
+    words = shlex.split(stage["cmd"])
+    return [words[i + 1].split("=", 1)[0] for i, w in enumerate(words[:-1]) if w in ("-S", "--set")]
+
+
+def _params(stage: dict) -> list[str]:
+    return [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+
+
+@pytest.mark.parametrize("name,stage", STAGES, ids=[n for n, _ in STAGES])
+def test_stage_params_exist_and_leave_out_what_its_command_fixes(name, stage):
+    """A declared param is a key of params.yaml; one the command fixes with -S is not declared (changing
+    it in params.yaml would re-run the stage for nothing)."""
+    known = flatten(Config().to_dict())
+    for param in _params(stage):
+        assert param in known or any(k.startswith(param + ".") for k in known), f"{name}: no param {param}"
+    fixed = [(key, p) for key in _overridden(stage) for p in _params(stage) if _covers(p.replace(".", "/"),
+                                                                                       key.replace(".", "/"))]
+    assert not fixed, f"{name}: its command fixes {fixed[0][0]} with -S, yet dvc.yaml declares {fixed[0][1]}"
+
+
+# finetune keys that a strategy without a language model never reads (flip.train.finetune, .strategies)
+PLM_ONLY_KEYS = {"plm_lr", "plm_lr_grid", "plm_seeds", "plm_epochs", "plm_batch_size", "alpha_init"}
+
+
+@pytest.mark.parametrize("name,stage", [(n, s) for n, s in STAGES if _command(s) == "finetune"],
+                         ids=[n for n, s in STAGES if _command(s) == "finetune"])
+def test_finetuning_stages_declare_every_finetune_key_they_read(name, stage):
+    """Declared (dotted) or fixed by -S: every finetune key, less the language-model ones for the
+    strategies without a language model (a new key in flip/config.py must be placed here)."""
+    from flip.strategies import get_strategy
+
+    [strategy] = [k.split("=", 1)[1] for k in shlex.split(stage["cmd"]) if k.startswith("finetune.strategy=")]
+    keys = {k for k in flatten(Config().to_dict()) if k.startswith("finetune.")}
+    read = keys if get_strategy(strategy).uses_plm else keys - {f"finetune.{k}" for k in PLM_ONLY_KEYS}
+    covered = {k for k in keys if any(_covers(p.replace(".", "/"), k.replace(".", "/"))
+                                      for p in [*_params(stage), *_overridden(stage)])}
+    assert read <= covered, f"{name}: dvc.yaml neither declares nor fixes {sorted(read - covered)}"
+
+
+def test_evaluate_reads_the_drift_stages_verdict_under_the_same_settings():
+    """One drift computation: evaluate depends on the drift stage's output (it reads drift.json), and
+    both declare the settings of that computation."""
+    by_name = dict(STAGES)
+    assert "reports/drift" in by_name["drift"]["outs"] and "reports/drift" in by_name["evaluate"]["deps"]
+    settings = {"retrain.drift_share", "retrain.target_drift", "evaluate.drift_rows"}
+    for name in ("drift", "evaluate"):
+        declared = _params(by_name[name])
+        assert all(any(_covers(p.replace(".", "/"), k.replace(".", "/")) for p in declared) for k in settings), name
+    assert not any(p.startswith("retrain.drift_policy") for p in _params(by_name["drift"]))  # the flow's policy
 
 
 @pytest.mark.parametrize("name,stage", [(n, s) for n, s in STAGES if _command(s) in ("pretrain", "finetune")],

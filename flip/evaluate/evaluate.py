@@ -12,11 +12,13 @@ Writes into ``out_dir`` (default ``reports/``):
   ``flip`` also ``delta_vs_flip_id``). Every strategy of a group is scored on the rows they all
   share. ``full_data`` holds the same for the ID strategies trained on the whole split (``--full``),
   a separate group never mixed into the equal-data table. ``headline`` is the one-sentence answer;
-  ``data_drift`` holds each held-out window's attribute, ID-like and label drift; ``config`` is the
-  settings the runs trained with.
+  ``data_drift`` holds each held-out window's attribute, ID-like and label drift (the test window's
+  is the drift stage's ``reports/drift/drift.json``, read as it is: :func:`data_drift`); ``config`` is
+  the settings the runs trained with.
 * ``metrics.json``: the DVC metrics, the headline numbers only (:func:`headline_metrics`).
 * ``plots/reliability/`` and ``plots/roc/``: DVC plots, one file per strategy plus the diagonal.
-* ``evidently/``: Evidently JSON for every window, HTML pages as ``evaluate.pages`` says.
+* ``evidently/``: Evidently JSON for every window but the test window's data drift (that one is in
+  ``reports/drift/``), HTML pages as ``evaluate.pages`` says.
 """
 
 from __future__ import annotations
@@ -213,18 +215,41 @@ def headline_metrics(result: dict[str, Any]) -> dict[str, Any]:
 DIAGONALS = {"roc": ("diagonal", "fpr", "tpr"), "reliability": ("diagonal", "mean_pred", "frac_pos")}
 
 
+def data_drift(cfg: Config, data_dir: Path, meta: dict[str, Any], ev_dir: Path, drift_dir: Path) -> dict[str, Any]:
+    """Each held-out window's data drift (``eval.json`` ``data_drift``): the test window's is the drift
+    stage's record (``drift_dir/drift.json``, the verdict the retrain flow applies its policy to), read,
+    not computed again; the validation split and the test split's time slices are tested here with
+    the same rule (raw values, ``evaluate.drift_rows`` sample, fixed seed, retrain thresholds). Each
+    window's ``html`` is relative to ``ev_dir`` (the test window's page lies in ``drift_dir``)."""
+    import os
+
+    from flip.data.preprocess import split_values
+    from flip.evaluate.monitoring import drift_settings, read_drift, windows_drift
+
+    test_drift = read_drift(cfg, data_dir, drift_dir)
+    if test_drift.get("html"):
+        test_drift["html"] = Path(os.path.relpath(Path(drift_dir) / test_drift["html"], ev_dir)).as_posix()
+    test_drift["source"] = (Path(drift_dir) / "drift.json").as_posix()
+    values = {s: split_values(data_dir, s).to_pandas() for s in ("train", "valid", "test")}
+    settings = drift_settings(cfg)
+    return windows_drift(values["train"], values["valid"], values["test"], meta, ev_dir, slices=cfg.evaluate.slices,
+                         pages=cfg.evaluate.pages, drift_share=settings["drift_share"],
+                         target_drift=settings["target_drift"], max_rows=settings["max_rows"], test_drift=test_drift)
+
+
 def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
-             full_dir: Path | None = None) -> dict[str, Any]:
+             full_dir: Path | None = None, drift_dir: Path | None = None) -> dict[str, Any]:
     """Score the runs under ``runs_dir`` (the equal-data comparison) and, when given, the full-data ID
     runs under ``full_dir``; write ``eval.json``, ``metrics.json``, DVC plots and Evidently reports
-    into ``out_dir``."""
+    into ``out_dir``. The test window's data drift is read from the drift stage's ``drift_dir``
+    (default ``out_dir/drift``, where dvc.yaml's drift stage writes)."""
     import pyarrow.parquet as pq
 
     from flip.data.tensors import load_meta
-    from flip.evaluate.monitoring import windows_drift
 
     started = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    drift_dir = Path(drift_dir) if drift_dir is not None else out_dir / "drift"
     runs = find_runs(runs_dir)
     if not runs:
         raise FlipError(f"no finished runs under {runs_dir} (each needs metrics.json and predictions/): "
@@ -244,10 +269,7 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
     print(f"[evaluate] {len(runs)} strategies ({', '.join(runs)}) + {len(full_runs)} full-data run(s); "
           "Evidently drift reports ...", flush=True)
     with atomic_dir(out_dir / "evidently") as ev:
-        result["data_drift"] = windows_drift(frames["train"], frames["valid"], frames["test"], meta, ev,
-                                             slices=e.slices, pages=e.pages, drift_share=cfg.retrain.drift_share,
-                                             target_drift=cfg.retrain.target_drift, max_rows=e.drift_rows,
-                                             seed=cfg.run.seeds[0])
+        result["data_drift"] = data_drift(cfg, data_dir, meta, ev, drift_dir)
         result["strategies"], plots = _score_group(runs, frames, keys, meta["vocab_size"], ev, e)
     print(f"[evaluate] scored the equal-data runs ({time.time() - started:.0f}s)", flush=True)
     if full_runs:

@@ -4,6 +4,12 @@ Windows: the validation split, the test split, and the test split cut into ``sli
 time slices. Data drift compares each window's attribute fields with the training split (ID-like
 fields are tested but expected to drift, and the label is judged by its positive rate); prediction
 drift and classification quality compare a model's test-window scores with its validation scores.
+
+The test window's data drift is computed once, by the ``drift`` stage (:func:`drift`,
+``reports/drift/drift.json``): the retrain flow decides on it and the ``evaluate`` stage reads it
+(:func:`read_drift`) instead of computing it again. Every data-drift test (that one and evaluate's
+other windows) reads the splits' raw values and samples windows larger than ``evaluate.drift_rows``
+with the fixed seed :data:`DRIFT_SEED`, so one window always gets one verdict.
 Evidently is imported inside the functions (~6 s import).
 """
 
@@ -13,6 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flip.io import file_sha256
+
+# The sampling seed of every data-drift test (the drift stage's and evaluate's): fixed, not a run
+# seed, so that a window gets the same sample, hence the same verdict, wherever it is tested.
+DRIFT_SEED = 0
 
 
 def _windows(test: Any, slices: int) -> dict[str, Any]:
@@ -28,18 +40,21 @@ def _value(metrics: list[dict], prefix: str) -> Any:
 
 
 def windows_drift(train: Any, valid: Any, test: Any, meta: dict[str, Any], out_dir: Path, *, slices: int,
-                  pages: str, drift_share: float, target_drift: float, max_rows: int = 20_000,
-                  seed: int = 0) -> dict[str, Any]:
-    """:func:`window_drift` for every held-out window (valid, test, the test split's time slices).
+                  pages: str, drift_share: float, target_drift: float, max_rows: int,
+                  test_drift: dict[str, Any]) -> dict[str, Any]:
+    """:func:`window_drift` for the held-out windows other than the test split (valid, the test
+    split's time slices), with ``test_drift`` (the drift stage's record, :func:`read_drift`) as the
+    test window's: ``{"valid", "test", "test_slice_1", ...}``.
 
-    ``pages``: which windows get an Evidently HTML page (each is ~5 MB: the page carries its own
-    JavaScript): ``main`` the test window only, ``all`` every window, ``none`` none. Every window's
-    numbers are in the returned summary either way."""
-    windows = {"valid": valid, "test": test, **_windows(test, slices)}
-    return {name: window_drift(train, df, meta, out_dir, drift_share=drift_share, target_drift=target_drift,
-                               max_rows=max_rows, seed=seed, stem=f"data_drift_{name}",
-                               html=pages == "all" or (pages == "main" and name == "test"))
-            for name, df in windows.items()}
+    ``pages``: which of these windows get an Evidently HTML page (each is ~5 MB: the page carries its
+    own JavaScript): ``all`` every one, ``main`` and ``none`` none (the test window's page is the
+    drift stage's). Every window's numbers are in the returned summary either way."""
+    def one(name: str, df: Any) -> dict[str, Any]:
+        return window_drift(train, df, meta, out_dir, drift_share=drift_share, target_drift=target_drift,
+                            max_rows=max_rows, stem=f"data_drift_{name}", html=pages == "all")
+
+    return {"valid": one("valid", valid), "test": test_drift,
+            **{name: one(name, df) for name, df in _windows(test, slices).items()}}
 
 
 def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, slices: int = 4,
@@ -81,12 +96,14 @@ def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, sli
 
 
 def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *, drift_share: float,
-                 target_drift: float, max_rows: int = 20_000, seed: int = 0, stem: str = "window_drift",
+                 target_drift: float, max_rows: int, seed: int = DRIFT_SEED, stem: str = "window_drift",
                  html: bool = True) -> dict[str, Any]:
     """Data drift (attribute columns) and target drift (the label) of a window against the training
     data, with Evidently; the verdict says whether either crossed its threshold. ID-like columns are
     tested and listed but never counted, and the label is judged by its positive rate, not as a
-    column. Writes ``<stem>.json`` (and ``<stem>.html`` with ``html``) into ``out_dir``."""
+    column. ``train`` and ``window`` hold the splits' raw values (:func:`flip.data.preprocess.split_values`);
+    each is sampled to ``max_rows`` rows (``seed``) when larger. Writes ``<stem>.json`` (and
+    ``<stem>.html`` with ``html``) into ``out_dir``; the record keeps the settings it was computed with."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -144,23 +161,58 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
         "drift": bool(reasons), "reasons": reasons,
         "expected": "ID-like columns (users, items, zip codes, titles) always differ in a newer window: "
                     "they are shown but do not count as drift",
+        "settings": {"drift_share": drift_share, "target_drift": target_drift, "max_rows": max_rows, "seed": seed},
         "html": f"{stem}.html" if html else None,
     }
 
 
+def drift_settings(cfg: Any) -> dict[str, Any]:
+    """The settings a data-drift test runs with: ``retrain.drift_share``, ``retrain.target_drift``,
+    ``evaluate.drift_rows`` (the sample size) and :data:`DRIFT_SEED`."""
+    return {"drift_share": cfg.retrain.drift_share, "target_drift": cfg.retrain.target_drift,
+            "max_rows": cfg.evaluate.drift_rows, "seed": DRIFT_SEED}
+
+
 def drift(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The newest window (test split) against the training split: ``OUT/drift.json`` + Evidently page.
-    The verdict is applied by the retrain flow (``retrain.drift_policy``: warn or stop)."""
+    The verdict is applied by the retrain flow (``retrain.drift_policy``: warn or stop; the policy is
+    the flow's, not recorded here, so that this record depends only on what computed it)."""
     from flip.data.preprocess import split_values
     from flip.io import atomic_dir, read_json, write_json
 
     meta = read_json(Path(data_dir) / "meta.json")
     train = split_values(data_dir, "train").to_pandas()
     window = split_values(data_dir, "test").to_pandas()
+    settings = drift_settings(cfg)
     with atomic_dir(out_dir) as tmp:
-        result = window_drift(train, window, meta, tmp, drift_share=cfg.retrain.drift_share,
-                              target_drift=cfg.retrain.target_drift)
+        result = window_drift(train, window, meta, tmp, drift_share=settings["drift_share"],
+                              target_drift=settings["target_drift"], max_rows=settings["max_rows"],
+                              seed=settings["seed"])
         result["window_time_range"] = meta.get("time_range", {}).get("test")
-        result["policy"] = cfg.retrain.drift_policy
+        result["meta_sha256"] = file_sha256(Path(data_dir) / "meta.json")
         write_json(tmp / "drift.json", result)
     return result
+
+
+def read_drift(cfg: Any, data_dir: Path, drift_dir: Path) -> dict[str, Any]:
+    """The drift stage's record of the test window (``drift_dir/drift.json``), checked to be of this
+    processed dataset and of this config's drift settings: a missing or stale record is an error
+    with the fix, never silently recomputed or used."""
+    from flip.errors import FlipError
+    from flip.io import read_json
+
+    path = Path(drift_dir) / "drift.json"
+    fix = f"run `flip drift --out {drift_dir}` (or `dvc repro drift`) first"
+    if not path.exists():
+        raise FlipError(f"{path} not found: the test window's drift comes from the drift stage; {fix}")
+    record = read_json(path)
+    if record.get("meta_sha256") != file_sha256(Path(data_dir) / "meta.json"):
+        raise FlipError(f"{path} was computed on another processed dataset than {data_dir} "
+                        f"(its meta.json differs): {fix}")
+    want = drift_settings(cfg)
+    if record.get("settings") != want:
+        differ = ", ".join(f"{k} {record.get('settings', {}).get(k)!r} there, {v!r} here"
+                           for k, v in want.items() if record.get("settings", {}).get(k) != v)
+        raise FlipError(f"{path} was computed with other drift settings ({differ}; retrain.drift_share, "
+                        f"retrain.target_drift, evaluate.drift_rows): {fix}")
+    return record

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import posixpath
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -288,14 +289,17 @@ def drift_section(page: Page, ev: dict[str, Any]) -> None:
               + ") always differ in a newer, chronological window, as new users and items arrive: they are tested "
               "and listed, but expected to drift and not counted. The label is not a feature: its drift is the "
               "change of the click rate. The verdict uses the retrain flow's thresholds (retrain.drift_share, "
-              "retrain.target_drift).")
+              "retrain.target_drift). The test window's row is the drift stage's record (reports/drift/drift.json), "
+              "the very verdict the retrain flow applies retrain.drift_policy to; the other windows are tested "
+              "the same way (the same sample size, evaluate.drift_rows, and seed).")
     rows = [[w, d["window_rows"], f"{len(d['drifted_attributes'])} of {len(d['attributes'])}",
              ", ".join(d["drifted_attributes"]) or "none", ", ".join(d["id_like_drifted"]) or "none",
              d["positive_rate"]["train"], d["positive_rate"]["window"], "; ".join(d["reasons"]) or "no drift"]
             for w, d in windows.items()]
     page.table(["window", "rows", "attributes drifted", "which", "ID-like drifted (expected)",
                 "click rate (train)", "click rate (window)", "verdict"], rows)
-    links = [f'<a href="evidently/{html.escape(d["html"])}">data drift, {html.escape(w)}</a>'
+    # a window's page is relative to evidently/ (the test window's lies in the drift stage's folder)
+    links = [f'<a href="{html.escape(posixpath.normpath("evidently/" + d["html"]))}">data drift, {html.escape(w)}</a>'
              for w, d in windows.items() if d.get("html")]
     links += [f'<a href="evidently/{html.escape(p["html"])}">{html.escape(n)}, {html.escape(w)}</a>'
               for n, s in ev["strategies"].items() for w, p in s.get("prediction_drift", {}).items() if p.get("html")]

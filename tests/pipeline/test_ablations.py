@@ -42,6 +42,7 @@ def test_every_table5_ablation_runs_end_to_end(synthetic, tmp_path, row):
 
     from flip.evaluate.analysis import analyze
     from flip.evaluate.evaluate import evaluate
+    from flip.evaluate.monitoring import drift
     from flip.evaluate.report import report
     from flip.train.finetune import finetune
     from flip.train.pretrain import pretrain
@@ -62,6 +63,7 @@ def test_every_table5_ablation_runs_end_to_end(synthetic, tmp_path, row):
         tree["finetune"]["strategy"] = strategy
         finetune(config_from_dict(tree), data, runs / strategy, pretrained=None if strategy == "scratch" else pre)
     reports = tmp_path / "reports"
+    drift(cfg, data, reports / "drift")  # the drift stage: evaluate reads its test-window verdict
     ev = evaluate(cfg, data, runs, reports)
     assert set(ev["strategies"]) == {"scratch", "flip_id", "flip"}
     assert all(0.0 <= s["test"]["auc"] <= 1.0 for s in ev["strategies"].values())

@@ -12,6 +12,7 @@ from flip.config import load_config
 from helpers import pinned_overrides
 from flip.data.preprocess import preprocess
 from flip.evaluate.evaluate import evaluate
+from flip.evaluate.monitoring import drift
 from flip.evaluate.report import report
 from flip.train.finetune import finetune
 
@@ -32,6 +33,7 @@ def reports(tmp_path_factory):
                                     "finetune.lr_grid=[0.001,0.003]"])),
                  data, tmp / "runs" / name)
     out = tmp / "reports"
+    drift(cfg, data, out / "drift")  # the drift stage: evaluate reads its test-window verdict
     result = evaluate(cfg, data, tmp / "runs", out)
     report(out)
     return out, result
@@ -51,10 +53,12 @@ def test_eval_json_holds_metrics_calibration_cold_start_and_drift(reports):
     # ID-like columns apart from attributes, the label apart from features
     assert set(drift["id_like"]) >= {"user_id", "item_id"} and not set(drift["id_like"]) & set(drift["attributes"])
     assert "label" not in drift["attributes"] and set(drift["positive_rate"]) == {"train", "window"}
-    # evaluate.pages=main: one data-drift page (the test window) and one page per strategy; JSON for every window
+    # evaluate.pages=main: one page per strategy, and the test window's data-drift page is the drift stage's;
+    # JSON for every window (the test window's data drift: the drift stage's, read, not recomputed)
     pages = sorted(x.name for x in (out / "evidently").glob("*.html"))
-    assert pages == ["data_drift_test.html", "predictions_flip_id_test.html", "predictions_scratch_test.html"]
-    assert len(list((out / "evidently").glob("*.json"))) == 6 + 2 * 5
+    assert pages == ["predictions_flip_id_test.html", "predictions_scratch_test.html"]
+    assert drift["html"] == "../drift/window_drift.html" and (out / "drift" / "window_drift.html").exists()
+    assert len(list((out / "evidently").glob("*.json"))) == 5 + 2 * 5
     assert "pred_drift" in s["prediction_drift"]["test"] and s["prediction_drift"]["test_slice_1"]["html"] is None
     # cold start on the same rows for every strategy, counted in the rows they trained on, thin buckets marked
     buckets = [[(b["bucket"], b["rows"]) for b in st["cold_start"]["user_id"]] for st in saved["strategies"].values()]
