@@ -13,7 +13,8 @@ from torch import nn
 from flip.evaluate import auc
 from flip.io import read_json
 from flip.train.identity import config_fingerprint
-from flip.train.loop import EvalSet, LoopSettings, Task, aggregate_seeds, fit, run_seeds
+from flip.train.loop import EvalSet, LoopSettings, Task, fit
+from flip.train.selection import aggregate_seeds, run_seeds
 
 
 class Counter(nn.Module):
