@@ -34,7 +34,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +42,7 @@ import torch
 from flip.progress import note
 from flip.runs import RunDir
 
-if TYPE_CHECKING:  # pragma: no cover
-    from flip.train.loop import Fit
+Fit = Any  # flip.train.loop.Fit, what every hook gets (not imported: the loop imports this module)
 
 CHECKPOINT_VERSION = 2
 
