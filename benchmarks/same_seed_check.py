@@ -17,8 +17,10 @@ dataset of 3,000 rows from ``flip preprocess``, a tiny BERT from ``tests/helpers
 * ``flip_id``            ``finetune.strategy=flip_id`` from that pretraining
 
 and compares, run by run: every tensor of every ``*.safetensors`` file (``torch.equal``, same keys,
-dtypes and shapes), every ``predictions/*.parquet`` (row, label, prob exactly), and every
-``metrics.json`` exactly, timings excepted (``seconds``, ``samples_per_second``, ``achieved_tflops``).
+dtypes and shapes), every ``predictions/*.parquet`` (row, label, prob exactly), every ``metrics.json``
+exactly, timings excepted (``seconds``, ``samples_per_second``, ``achieved_tflops``), and every record of
+``log.jsonl`` / ``losses.json`` (less ``time`` and ``samples_per_second``). It reads the files directly,
+not through ``flip.runs``, since the base may predate that module.
 The learning-rate selection record is compared wherever each side keeps it (``metrics.json`` ->
 ``selection`` before issue 20, ``selection.json`` after). Prints and saves
 ``benchmarks/results/same_seed_check.json`` (command, machine, per-run figures); exits 1 on a
@@ -41,6 +43,7 @@ from common import save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = {"seconds", "samples_per_second", "achieved_tflops"}
+LOG_TIMINGS = {"time", "samples_per_second"}
 
 COMMON = [
     "data.dataset=synthetic", "data.synthetic.rows=3000", "data.synthetic.fields=6",
@@ -117,6 +120,13 @@ def _metrics(path: Path) -> dict:
     return {k: v for k, v in _flat(json.loads(path.read_text())).items() if k.split(".")[-1] not in TIMINGS}
 
 
+def _records(path: Path) -> list:
+    """A log's records (``log.jsonl``, or ``losses.json``'s list) without their timings."""
+    text = path.read_text()
+    rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x]
+    return [{k: v for k, v in r.items() if k not in LOG_TIMINGS} for r in rows]
+
+
 def _selection(run: Path) -> dict | None:
     """The learning-rate selection record: selection.json, or metrics.json's ``selection`` (before)."""
     if (run / "selection.json").exists():
@@ -133,10 +143,10 @@ def compare_run(a: Path, b: Path) -> dict:
     from safetensors.torch import load_file
 
     result: dict = {"tensors": 0, "elements": 0, "weight_files": 0, "prediction_files": 0, "metric_files": 0,
-                    "metric_values": 0, "differences": []}
+                    "metric_values": 0, "log_files": 0, "log_records": 0, "differences": []}
     diff = result["differences"]
     for pattern, kind in (("*.safetensors", "weights"), ("predictions/*.parquet", "predictions"),
-                          ("metrics.json", "metrics")):
+                          ("metrics.json", "metrics"), ("log.jsonl", "log"), ("losses.json", "log")):
         files_a = {p.relative_to(a) for p in a.rglob(pattern) if "checkpoint" not in p.parts}
         files_b = {p.relative_to(b) for p in b.rglob(pattern) if "checkpoint" not in p.parts}
         for missing in sorted(files_a ^ files_b):
@@ -156,6 +166,12 @@ def compare_run(a: Path, b: Path) -> dict:
                 result["prediction_files"] += 1
                 if not pq.read_table(a / rel).equals(pq.read_table(b / rel)):
                     diff.append(f"{rel}: predictions differ")
+            elif kind == "log":
+                la, lb = (_records(p / rel) for p in (a, b))
+                result["log_files"] += 1
+                result["log_records"] += len(la)
+                if la != lb:
+                    diff.append(f"{rel}: records differ (timings left out)")
             else:
                 result["metric_files"] += 1
                 ma, mb = _metrics(a / rel), _metrics(b / rel)
