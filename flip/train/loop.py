@@ -361,8 +361,7 @@ class Fit:
             self.stop = True
 
     def end_epoch(self, t_epoch: float) -> dict[str, Any]:
-        """Close the bar, count the epoch's time and rows; the epoch record (train loss, samples/s)."""
-        self.bar.close()
+        """Count the epoch's time and rows; the epoch record (train loss, samples/s)."""
         s = self.state
         t_steps = self.clock() - t_epoch
         s.seconds["train"] += t_steps
