@@ -101,7 +101,8 @@ def run_side(name: str, code: Path, work: Path, data: Path, bert: Path, fresh: b
         return json.loads(done.read_text())
     shutil.rmtree(side, ignore_errors=True)
     side.mkdir(parents=True)
-    seconds = {run: round(flip(code, args, [*COMMON, f"plm.name={bert}"]), 1) for run, args in runs(side, data).items()}
+    overrides = [*COMMON, f"plm.name={bert}", f"plm.cache_dir={side / 'tokens'}"]  # each side its own token cache
+    seconds = {run: round(flip(code, args, overrides), 1) for run, args in runs(side, data).items()}
     done.write_text(json.dumps(seconds))
     return seconds
 
@@ -221,7 +222,8 @@ def main() -> None:
     save("same_seed_check", {
         "base": args.base, "head": head + ("+uncommitted" if dirty else ""),
         "commands": {name: "flip " + " ".join([a[0], *[x for o in COMMON for x in ("-S", o)], "-S", "plm.name=BERT",
-                                                    *a[1:]]) for name, a in runs(Path("SIDE"), Path("DATA")).items()},
+                                                    "-S", "plm.cache_dir=SIDE/tokens", *a[1:]])
+                     for name, a in runs(Path("SIDE"), Path("DATA")).items()},
         "seconds": seconds, "runs": compared, "identical": identical})
     sys.exit(0 if identical else 1)
 
