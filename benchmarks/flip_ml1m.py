@@ -57,7 +57,6 @@ times samples/s, over the GPU's dense bf16 peak (``--peak-tflops`` overrides the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -163,14 +162,10 @@ def peak_tflops(gpu: str | None, override: float | None) -> float | None:
 
 
 def first_step_loss(out: Path) -> dict[str, Any] | None:
-    log = out / "log.jsonl"
-    if not log.exists():
-        return None
-    for line in log.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "step":
-            return {k: rec.get(k) for k in ("loss", "mlm", "mtm", "icl")}
-    return None
+    from flip.runs import RunDir
+
+    steps = RunDir(out).log("step")
+    return {k: steps[0].get(k) for k in ("loss", "mlm", "mtm", "icl")} if steps else None
 
 
 def run_pretraining(cfg: Any, data: Path, out: Path, peak: float | None = None) -> dict[str, Any]:
@@ -220,24 +215,28 @@ def run_finetuning(cfg: Any, strategy: str, data: Path, out: Path, pretrained: P
         "train_samples_per_second": metrics["train"]["samples_per_second"],
         "seconds": round(time.time() - t0, 1), "params": metrics.get("params"),
     }
-    for key in ("alpha", "seeds", "std", "selection"):
+    for key in ("alpha", "seeds", "std"):
         if key in metrics:
             row[key] = metrics[key]
+    from flip.runs import RunDir
+
+    selection = RunDir(out).selection()
+    if selection is not None:
+        row["selection"] = selection
     print(f"{strategy:>12}: valid AUC {row['valid_auc']:.4f}  test AUC {row['test_auc']:.4f}  "
           f"logloss {row['test_logloss']:.4f}" + (f"  alpha {row['alpha']:.3f}" if "alpha" in row else ""), flush=True)
     return row
 
 
 def test_predictions(run_dir: Path) -> dict[str, tuple[Any, Any, Any]]:
-    """seed -> (row, label, prob) of a finetuning run's test predictions (one seed or ``seed-*/``)."""
-    import pyarrow.parquet as pq
+    """seed -> (row, label, prob) of a finetuning run's test predictions (each finished seed)."""
+    from flip.runs import RunDir
 
-    dirs = {"0": run_dir} if (run_dir / "predictions" / "test.parquet").exists() else {
-        d.name.removeprefix("seed-"): d for d in sorted(run_dir.glob("seed-*")) if (d / "predictions").is_dir()}
     out = {}
-    for seed, d in dirs.items():
-        t = pq.read_table(d / "predictions" / "test.parquet", columns=["row", "label", "prob"])
-        out[seed] = tuple(t.column(c).to_numpy() for c in ("row", "label", "prob"))
+    for name, seed in RunDir(run_dir).seeds().items():
+        if seed.has_predictions("test"):
+            t = seed.predictions("test")
+            out[name.removeprefix("seed-")] = tuple(t[c].to_numpy() for c in ("row", "label", "prob"))
     return out
 
 

@@ -323,13 +323,9 @@ def load_bundle(bundle: Path) -> dict[str, Any]:
 def steady_rate(run_dir: Path, fallback: float) -> float:
     """Median samples/s of the ``step`` records of a loop log after the first 20% (start-up, first
     kernels); the loop's overall figure when there are too few records."""
-    log_file = run_dir / "log.jsonl"
-    rates = []
-    if log_file.exists():
-        for line in log_file.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("event") == "step" and rec.get("samples_per_second"):
-                rates.append(float(rec["samples_per_second"]))
+    from flip.runs import RunDir
+
+    rates = [float(r["samples_per_second"]) for r in RunDir(run_dir).log("step") if r.get("samples_per_second")]
     rates = rates[max(1, len(rates) // 5):] if len(rates) >= 3 else []
     return float(statistics.median(rates)) if rates else float(fallback)
 

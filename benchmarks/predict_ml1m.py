@@ -40,6 +40,7 @@ from common import save  # noqa: E402
 from flip.data.preprocess import split_values  # noqa: E402
 from flip.deploy.package import load_bundle  # noqa: E402
 from flip.evaluate.metrics import auc  # noqa: E402
+from flip.runs import RunDir  # noqa: E402
 
 FLIP = str(Path(sys.executable).parent / "flip")
 
@@ -92,9 +93,9 @@ def main() -> None:
         # 1. exactness
         run_predict(bundle, [tmp / "test.parquet"], tmp / "scores.parquet")
         mine = pd.read_parquet(tmp / "scores.parquet")
-        theirs = pd.read_parquet(seed_dir / "predictions/test.parquet")
+        theirs = RunDir(seed_dir).predictions("test")
         assert list(mine["row"]) == list(theirs["row"])
-        metrics = json.loads((seed_dir / "metrics.json").read_text())
+        metrics = RunDir(seed_dir).metrics()
         exact = {
             "rows": len(mine), "seed": info["seed"],
             "auc_flip_predict": auc(mine["label"], mine["prob"]),

@@ -35,16 +35,16 @@ PLM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_
 
 
 def best_seed_run(run: Path) -> tuple[Path, dict[str, Any]]:
-    """The run directory of the seed with the best validation AUC (a single-seed run: the run itself)."""
-    run = Path(run)
-    seeds = sorted(p for p in run.glob("seed-*") if (p / "metrics.json").exists())
-    candidates = seeds or ([run] if (run / "metrics.json").exists() else [])
-    if not candidates or not (candidates[0] / "model.safetensors").exists():
+    """The run directory of the seed with the best validation AUC (a single-seed run: the run itself)
+    and its metrics (:meth:`flip.runs.RunDir.best_seed`)."""
+    from flip.runs import RunDir
+
+    seeds = RunDir(run).seeds()
+    if not seeds or not all(s.weights_file.exists() for s in seeds.values()):
         raise FlipError(f"{run} is not a finished finetuning run (no metrics.json and model.safetensors). "
                         "Fix: run `flip finetune` (or `dvc repro`) first.")
-    scored = [(read_json(p / "metrics.json"), p) for p in candidates]
-    metrics, best = max(scored, key=lambda t: float(t[0].get("valid", {}).get("auc", float("nan")) or -1.0))
-    return best, metrics
+    best = RunDir(run).best_seed("valid.auc")
+    return best.path, best.metrics()
 
 
 def package(run: Path, data_dir: Path, out: Path, *, name: str = "", pretrained: Path | None = None) -> dict[str, Any]:

@@ -6,7 +6,12 @@
   diagonal should stand out when the two modalities are aligned field by field.
 * **Fig. 6**: a 2-D SVD projection of the ID model's feature embedding table, as in the paper: the
   ID model aligned and then finetuned (``flip_id``) against the same model trained from scratch, with
-  the table right after alignment (before finetuning) beside them.
+  the table right after alignment (before finetuning) beside them. Of runs of several seeds, the figure
+  shows the FIRST seed of ``run.seeds`` of each (:func:`first_seed_weights`,
+  :meth:`flip.runs.RunDir.first_seed`): the same seed on both sides, so that the two tables differ by
+  the alignment and not by the seed or by a pick on validation (the paper compares one model of each;
+  ``flip package`` serves the best validation seed instead, :meth:`~flip.runs.RunDir.best_seed`), and
+  the seed learning-rate selection trained with.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from flip.errors import FlipError
 from flip.io import atomic_dir, write_json
+from flip.runs import RunDir
 
 
 ALIGNED_ONLY = "after alignment only (not finetuned)"
@@ -39,7 +45,7 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
     from flip.models import build_id_model
     from flip.models.plm import load_plm
 
-    cfg = config_from_dict(json.loads((pretrained / "config.json").read_text()))
+    cfg = config_from_dict(RunDir(pretrained).config())
     meta = load_meta(dataset_dir)
     cfg.plm.name = str(pretrained / "plm")
     plm, tokenizer = load_plm(cfg.plm)
@@ -66,7 +72,7 @@ def field_similarity(pretrained: Path, dataset_dir: Path, rows: int = 256) -> di
     """Fig. 5 numbers: S[f, g] = mean_i <z_text(mask f), z_tab(mask g)> over ``rows`` test rows."""
     import torch
 
-    if not json.loads((pretrained / "config.json").read_text())["pretrain"]["icl_weight"]:
+    if not RunDir(pretrained).config()["pretrain"]["icl_weight"]:
         raise NoIclHeads("the pretraining run has no ICL heads (pretrain.icl_weight = 0): Fig. 5 needs them")
     cfg, meta, model, tokenizer = _load_pretrained(pretrained, dataset_dir)
     with torch.no_grad():
@@ -124,10 +130,11 @@ def embedding_svd(weights: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def first_seed_weights(run: Path) -> Path | None:
-    """The weights of a finetune run (its first seed of several), or None when it has none."""
-    run = Path(run)
-    found = [run / "model.safetensors", *sorted(run.glob("seed-*/model.safetensors"))]
-    return next((p for p in found if p.exists()), None)
+    """The weights of a finetune run's first seed of ``run.seeds`` (what Fig. 6 shows: see the module
+    docstring), or None when the run has no finished seed with weights."""
+    seeds = RunDir(run).seeds()
+    first = next(iter(seeds.values()), None)
+    return first.weights_file if first is not None and first.weights_file.exists() else None
 
 
 def _plot_fig5(plt: Any, sim: dict[str, Any], out: Path) -> None:

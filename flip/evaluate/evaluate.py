@@ -1,7 +1,7 @@
 """The ``evaluate`` stage: score every finetuned run on validation and test, and monitor drift.
 
-Reads each run's ``predictions/{valid,test}.parquet`` (row, label, prob) and the processed splits.
-Writes into ``out_dir`` (default ``reports/``):
+Reads each run through :class:`flip.runs.RunDir` (its seeds, their predictions, configuration, log and
+the learning-rate selection) and the processed splits. Writes into ``out_dir`` (default ``reports/``):
 
 * ``eval.json`` (the full record, not a DVC metric): per strategy (``strategies.<name>``) the
   mean over seeds of AUC and logloss (with the std and every seed's value), calibration (ECE,
@@ -23,7 +23,6 @@ Writes into ``out_dir`` (default ``reports/``):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ import numpy as np
 
 from flip.config import Config
 from flip.errors import FlipError
-from flip.io import atomic_dir, read_json, write_json
+from flip.io import atomic_dir, write_json
+from flip.runs import RunDir
 from flip.strategies import REPORT_ORDER, STRATEGIES
 
 STRATEGY_ORDER = list(REPORT_ORDER)
@@ -41,19 +41,17 @@ BASELINE = "scratch"
 COMPARISONS = {("flip", "flip_id"): "delta_vs_flip_id"}
 
 
-def seed_runs(run: Path) -> dict[str, Path]:
-    """The seed folders of a finished run: ``{"seed-<s>": folder}`` (one seed: the run itself)."""
-    if (run / "predictions" / "test.parquet").exists():
-        seed = read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
-        return {f"seed-{seed}": run}
-    return {d.name: d for d in sorted(run.glob("seed-*")) if (d / "predictions" / "test.parquet").exists()}
+def seed_runs(run: Path) -> dict[str, RunDir]:
+    """The finished seeds of a run that scored the test split: ``{"seed-<s>": RunDir}`` (one seed: the
+    run itself), in the order of its ``run.seeds``."""
+    return {name: seed for name, seed in RunDir(run).seeds().items() if seed.has_predictions("test")}
 
 
 def find_runs(runs_dir: Path) -> dict[str, Path]:
     """Finished runs under ``runs_dir`` (one folder per strategy), in the paper's order."""
     runs = {}
     for d in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).exists() else []:
-        if d.is_dir() and (d / "metrics.json").exists() and seed_runs(d):
+        if d.is_dir() and RunDir(d).is_finished() and seed_runs(d):
             runs[d.name] = d
     order = {s: i for i, s in enumerate(STRATEGY_ORDER)}
     return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))
@@ -72,29 +70,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
 
 
-def run_settings(run: Path, seeds: dict[str, Path]) -> dict[str, Any]:
+def run_settings(run: Path, seeds: dict[str, RunDir]) -> dict[str, Any]:
     """What a run trained on: rows, epochs, batch size, learning rates (selected) and the selection."""
-    metrics = read_json(run / "metrics.json")
     first = next(iter(seeds.values()))
-    config = read_json(first / "config.json")
-    start = next((json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()
-                  if '"start"' in line), {}) if (first / "log.jsonl").exists() else {}
+    config = first.config()
     f = config.get("finetune", {})
-    first_metrics = read_json(first / "metrics.json")
-    selection = metrics.get("selection") or {  # one candidate: the fixed rates, scored like a selection's
-        "metric": "valid_auc", "seed": read_json(first / "run.json").get("seed"),
+    selection = RunDir(run).selection() or {  # one candidate: the fixed rates, scored like a selection's
+        "metric": "valid_auc", "seed": first.info().get("seed"),
         "candidates": [{"lr": f.get("lr"), "plm_lr": f.get("plm_lr"),
-                        "valid_auc": first_metrics.get("valid", {}).get("auc")}],
+                        "valid_auc": first.metrics().get("valid", {}).get("auc")}],
         "selected": {"lr": f.get("lr"), "plm_lr": f.get("plm_lr")}, "grid": None}
-    epochs = [read_json(d / "metrics.json").get("train", {}).get("epochs") for d in seeds.values()]
-    run_json = read_json(first / "run.json") if (first / "run.json").exists() else {}
-    strategy = STRATEGIES.get(run.name)
+    epochs = [d.metrics().get("train", {}).get("epochs") for d in seeds.values()]
+    strategy = STRATEGIES.get(Path(run).name)
     uses_plm, uses_id = (strategy.uses_plm, strategy.uses_id) if strategy else (False, True)
-    return {"train_rows": start.get("n_train"), "batch_size": start.get("batch_size"), "epochs_run": epochs,
+    return {"train_rows": first.train_rows(), "batch_size": first.batch_size(), "epochs_run": epochs,
             "max_epochs": f.get("plm_epochs") or f.get("epochs") if uses_plm else f.get("epochs"),
             "id_model": config.get("id_model", {}).get("name") if uses_id else None,
             "plm": config.get("plm", {}).get("name") if uses_plm else None,
-            "pretrained": run_json.get("pretrained"), "selection": selection, "seeds": list(seeds)}
+            "pretrained": first.info().get("pretrained"), "selection": selection, "seeds": list(seeds)}
 
 
 def training_counts(train: Any, keys: list[str], rows: int | None, vocab_size: int) -> dict[str, np.ndarray]:
@@ -108,7 +101,6 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
                  ev_dir: Path | None, evaluate_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every strategy of one comparison group, on the test rows they all share, with paired deltas."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
     from flip.evaluate.calibration import calibration
     from flip.evaluate.coldstart import auc_by_frequency
@@ -117,11 +109,11 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
     from flip.evaluate.significance import paired_delta
 
     preds: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> split -> seed -> frame
-    seeds_of: dict[str, dict[str, Path]] = {}
+    seeds_of: dict[str, dict[str, RunDir]] = {}
     for name, run in runs.items():
         seeds_of[name] = seed_runs(run)
-        preds[name] = {split: {s: pq.read_table(d / "predictions" / f"{split}.parquet").to_pandas()
-                               for s, d in seeds_of[name].items()} for split in ("valid", "test")}
+        preds[name] = {split: {s: d.predictions(split) for s, d in seeds_of[name].items()}
+                       for split in ("valid", "test")}
     # the rows every strategy and seed scored: the comparison is on exactly these
     common = {split: sorted(set.intersection(*(set(f["row"].tolist()) for per in preds.values()
                                                for f in per[split].values()))) for split in ("valid", "test")}
@@ -265,7 +257,7 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
     first_seed = next(iter(seed_runs(next(iter(runs.values()))).values()))
     result: dict[str, Any] = {"dataset": meta["dataset"], "counts": meta["counts"],
                               "user_field": meta.get("user_field"), "item_field": meta.get("item_field"),
-                              "config": read_json(first_seed / "config.json")}
+                              "config": first_seed.config()}
     print(f"[evaluate] {len(runs)} strategies ({', '.join(runs)}) + {len(full_runs)} full-data run(s); "
           "Evidently drift reports ...", flush=True)
     with atomic_dir(out_dir / "evidently") as ev:

@@ -1,7 +1,8 @@
 """The ``report`` stage: one HTML page (``reports/index.html``) and a Markdown summary of this run.
 
 Everything it shows comes from this run's own outputs: ``eval.json`` (evaluate), ``validation.json``
-(validate), the pretraining run's ``config.json``/``metrics.json``/``log.jsonl``, ``analysis.json``
+(validate), the pretraining run (its configuration, metrics and step log, read through
+:class:`flip.runs.RunDir`), ``analysis.json``
 (analyze) and, after ``make ablations``, ``ablations.json`` (``flip ablations``, from ``dvc exp show``).
 The paper's numbers (``flip.evaluate.paper``) stand beside ours, labelled as the paper's. Nothing is
 computed again here and nothing is read from another run.
@@ -20,6 +21,7 @@ from flip.errors import FlipError
 from flip.evaluate import figures
 from flip.evaluate.paper import STRATEGY_ROW, TABLE2, TABLE5_ML1M
 from flip.io import atomic_file
+from flip.runs import RunDir
 
 PAPER = "Wang et al., RecSys '24"
 
@@ -316,8 +318,9 @@ def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir:
     if ev is None:
         raise FlipError(f"{reports_dir / 'eval.json'} not found: run `flip evaluate` first")
     validation = _read(reports_dir / "validation.json") or {}
-    pretrain = _read(Path(pretrain_dir) / "metrics.json") if pretrain_dir else None
-    pretrain_config = _read(Path(pretrain_dir) / "config.json") if pretrain_dir else None
+    pre = RunDir(pretrain_dir) if pretrain_dir else None
+    pretrain = pre.metrics() if pre is not None and pre.is_finished() else None
+    pretrain_config = pre.config() if pre is not None and pre.config_file.exists() else None
     figures_dir = reports_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
 
@@ -328,10 +331,8 @@ def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir:
     bins = {n: _read(reports_dir / "plots" / "reliability" / f"{n}.json") or [] for n in ev["strategies"]}
     calibration_section(page, ev, bins, figures_dir)
     cold_start_section(page, ev, figures_dir)
-    if pretrain_dir and (Path(pretrain_dir) / "log.jsonl").exists():
-        log = [json.loads(x) for x in (Path(pretrain_dir) / "log.jsonl").read_text().splitlines() if x]
-        caption = figures.pretraining_losses([r for r in log if r.get("event") == "step"],
-                                             figures_dir / "pretrain_losses.png")
+    if pre is not None and pre.log_file.exists():
+        caption = figures.pretraining_losses(pre.log("step"), figures_dir / "pretrain_losses.png")
         if caption:
             page.heading("Pretraining")
             page.figure("figures/pretrain_losses.png", caption)

@@ -4,9 +4,9 @@
 
 :func:`finetune` loads the processed splits once (``flip.train.ctr``), looks the strategy up in the
 table, builds its task (``flip.train.strategies``) and runs the generic loop
-(:func:`flip.train.loop.fit`) for every seed in ``cfg.run.seeds`` (see :func:`flip.train.loop.run_seeds`
-for the output layout), after selecting the learning rates on validation when the grids give several
-(:func:`lr_candidates`). What identifies a run: ``flip.train.identity`` (the config sections the stage
+(:func:`flip.train.loop.fit`) for every seed in ``cfg.run.seeds``, after selecting the learning rates on
+validation when the grids give several (:mod:`flip.train.selection`: seeds, selection; :mod:`flip.runs`:
+the output layout). What identifies a run: ``flip.train.identity`` (the config sections the stage
 reads, the dataset, the seed and :func:`flip.train.strategies.strategy_fingerprint`: the weights the
 strategy starts from, so that a finished run is not reused after its inputs changed).
 
@@ -18,7 +18,6 @@ Adding a strategy: a builder ``build(cfg, data, device, pretrained) -> Task`` in
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,12 @@ from typing import Any
 import torch
 
 from flip.config import Config
-from flip.io import write_json
-from flip.strategies import Strategy, get_strategy
+from flip.runs import RunDir
+from flip.strategies import get_strategy
 from flip.train.ctr import CtrData, finetune_bf16, load_ctr_data
 from flip.train.identity import dataset_fingerprint, run_fingerprint
-from flip.train.loop import (
-    LoopSettings,
-    Task,
-    adopt_run,
-    finished_metrics,
-    fit,
-    resolve_device,
-    run_seeds,
-    score_saved_run,
-    set_threads,
-)
+from flip.train.loop import LoopSettings, Task, fit, resolve_device, set_threads
+from flip.train.selection import adopt, candidate_name, lr_candidates, run_seeds, select_learning_rate
 from flip.train.strategies import strategy_fingerprint
 
 __all__ = ["finetune", "loop_settings", "lr_candidates"]
@@ -63,24 +53,9 @@ def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
     )
 
 
-def lr_candidates(cfg: Config, strategy: Strategy) -> list[dict[str, float]]:
-    """The learning rates to select among: ``finetune.lr_grid`` for a strategy that trains an ID model
-    times ``finetune.plm_lr_grid`` for one that trains a language model (an empty grid is the single
-    value ``lr`` / ``plm_lr``). ``flip`` trains both, so each group gets its own rate."""
-    f = cfg.finetune
-    ids = (f.lr_grid or [f.lr]) if strategy.uses_id else [f.lr]
-    plms = (f.plm_lr_grid or [f.plm_lr]) if strategy.uses_plm else [f.plm_lr]
-    return [{"lr": float(a), "plm_lr": float(b)} for a in dict.fromkeys(ids) for b in dict.fromkeys(plms)]
-
-
 def _with(cfg: Config, seed: int | None = None, **finetune: Any) -> Config:
     run = cfg.run if seed is None else dataclasses.replace(cfg.run, seeds=[seed])
     return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **finetune), run=run)
-
-
-def _candidate_name(c: dict[str, float], strategy: Strategy) -> str:
-    parts = ([f"lr={c['lr']:g}"] if strategy.uses_id else []) + ([f"plm_lr={c['plm_lr']:g}"] if strategy.uses_plm else [])
-    return ",".join(parts)
 
 
 def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
@@ -95,11 +70,11 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     Strategies with a language model run the first ``finetune.plm_seeds`` seeds of ``run.seeds``
     (0 = all of them).
 
-    Learning-rate selection (when the grids give more than one candidate, see :func:`lr_candidates`):
-    each candidate is trained with the first seed in ``OUT/candidates/<lr…>/`` and scored on the
-    validation split only; the best validation AUC wins. The winner's run becomes that seed's run
-    (its test split scored then, once), the other seeds train with the winning rates, and
-    ``metrics.json`` records every candidate's validation metrics under ``selection``.
+    Learning-rate selection (when the grids give more than one candidate, see
+    :func:`flip.train.selection.lr_candidates`): each candidate is trained with the first seed in
+    ``OUT/candidates/<lr…>/`` and scored on the validation split only; the best validation AUC wins.
+    The winner's run becomes that seed's run (its test split scored then, once), the other seeds train
+    with the winning rates, and ``OUT/selection.json`` records every candidate's validation metrics.
 
     ``pretrained``: the pretraining run directory, for the strategies that start from it.
     """
@@ -151,31 +126,22 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
                   "pretrained": str(pretrained) if pretrained is not None else None},
         )
 
+    out = RunDir(out_dir)
     candidates = lr_candidates(cfg, strategy)
     if len(candidates) == 1:
-        shutil.rmtree(out_dir / "candidates", ignore_errors=True)
+        out.remove_candidates()
         return run_seeds(_with(cfg, **candidates[0]), out_dir, run_one)
 
     seeds = list(cfg.run.seeds) or [0]
     first = seeds[0]
-    tried = []
-    for c in candidates:
-        m = run_one(_with(cfg, first, **c), out_dir / "candidates" / _candidate_name(c, strategy), holdout_test=True)
-        tried.append({**c, "valid_auc": m["valid"]["auc"], "valid_logloss": m["valid"]["logloss"],
-                      "best_epoch": m["train"]["best_epoch"]})
-    best = max(tried, key=lambda t: (t["valid_auc"] if t["valid_auc"] == t["valid_auc"] else -1.0))
-    chosen = {"lr": best["lr"], "plm_lr": best["plm_lr"]}
-    final = _with(cfg, **chosen)
-    selection = {"metric": "valid_auc", "seed": first, "candidates": tried, "selected": chosen,
-                 "grid": {"lr": sorted({c["lr"] for c in candidates}), "plm_lr": sorted({c["plm_lr"] for c in candidates})}}
-    # the winner's run is the first seed's run: adopt it, then score its test split once
-    first_dir = out_dir if len(seeds) == 1 else out_dir / f"seed-{first}"
+    selection = select_learning_rate(
+        out, candidates, strategy, lambda c, cand: run_one(_with(cfg, first, **c), cand.path, holdout_test=True),
+        first)
+    final = _with(cfg, **selection["selected"])
+    # the winner's run is the first seed's run: adopt it (its test split scored then, once)
+    first_run = out if len(seeds) == 1 else out.seed_dir(first)
     cfg_first = _with(final, first)
-    if finished_metrics(first_dir, fingerprint(cfg_first, first)) is None:
-        adopt_run(out_dir / "candidates" / _candidate_name(chosen, strategy), first_dir,
-                  fingerprint(cfg_first, first))
-        score_saved_run(build(cfg_first), loop_settings(cfg_first, device), first_dir, "test")
-    result = run_seeds(final, out_dir, run_one)
-    result["selection"] = selection
-    write_json(out_dir / "metrics.json", result)
-    return result
+    if first_run.finished(fingerprint(cfg_first, first)) is None:
+        adopt(out.candidate(candidate_name(selection["selected"], strategy)), first_run,
+              fingerprint(cfg_first, first), build(cfg_first), loop_settings(cfg_first, device))
+    return run_seeds(final, out_dir, run_one)

@@ -2,61 +2,40 @@
 
 A strategy supplies a :class:`Task` - the model, its optimizer (and optional LR scheduler), a
 ``loss(idx)`` on a batch of training-row indices and a ``predict(split, idx)`` returning logits -
-and :func:`fit` does everything else:
+and :func:`fit` trains it, reading top to bottom:
 
-* **Data order.** Every split is loaded into tensors once (by the strategy). An epoch is a
-  permutation of ``range(n_train)`` drawn from a ``torch.Generator`` seeded with the run's seed;
-  batches are slices of it. No DataLoader, no per-sample Python.
-* **Determinism.** ``torch``/``random``/``numpy`` are seeded before the task is built (so model
-  initialisation is seeded too); the same seed gives bit-identical metrics on CPU.
-* **Early stopping** on validation AUC (when the task has a ``valid`` split): after every epoch
-  the validation split is scored; training stops once ``patience`` epochs in a row brought no
-  improvement (``patience <= 0``: never stop early). The best epoch's weights are kept (a CPU copy
-  of the state dict), restored at the end, and the test split is scored once, with them.
-* **Checkpoints / resume.** ``OUT/checkpoint/state.pt`` (written atomically with ``torch.save`` of
-  plain state dicts and tensors, loaded with ``weights_only=True``) holds the model, optimizer and
-  scheduler states, :class:`FitState` (epoch and step-in-epoch, the shuffling generator's state at
-  the start of the epoch - the permutation is re-drawn from it -, the partial epoch loss, the
-  early-stopping state, the best weights), the task's extra state, the global RNG states and the log. It is written at the end of every
-  epoch and every ``checkpoint_every`` batches (0 = epoch ends only). Running the same command
-  again continues from it and ends with the same metrics as an uninterrupted run. A finished run
-  (``metrics.json`` plus ``run.json`` whose fingerprint matches) is recognised and not re-run.
-  The checkpoint is removed once the outputs are written.
-* **Logging.** A bar per epoch (samples/s, ETA; on a terminal a tqdm bar, elsewhere one line per
-  10%: :mod:`flip.progress`; off with ``progress=False``) whose total is what will run (``max_steps``
-  included), one line per epoch (train loss, validation AUC/logloss, best epoch) and one for early
-  stopping or resuming, and
-  ``OUT/log.jsonl``: one ``step`` record every ``log_every`` batches (mean loss since the last
-  record, samples/s), one ``epoch`` record per epoch (train loss, validation metrics, throughput),
-  plus ``start``/``resume``/``early_stop``/``test`` records. The loss is accumulated on the
-  device and only read (one sync) when a record is written. A task's own per-batch statistics
-  (``Task.stat_names``, e.g. pretraining's per-objective losses) are averaged the same way and
-  written into the same ``step`` and ``epoch`` records.
-* **Several ranks.** A task that trains through ``DistributedDataParallel`` (``Task.ddp``) has its
-  gradients all-reduced only by the batch that ends an optimizer step: the loop sets
-  ``require_backward_grad_sync`` before each batch (as nanoGPT's training loop does).
-* **Outputs** (all atomic; ``metrics.json`` is written last): ``config.json``, ``run.json``
-  (fingerprint, seed, device, versions), ``metrics.json``, ``model.safetensors`` (best weights)
-  and ``predictions/{valid,test}.parquet`` (``row``, ``label``, ``prob``).
+1. **A finished run** (:meth:`flip.runs.RunDir.finished`: ``metrics.json`` + ``run.json`` of the same
+   fingerprint) is recognised and not re-run.
+2. **Seeding.** ``torch``/``random``/``numpy`` are seeded before the task is built (so model
+   initialisation is seeded too); the same seed gives bit-identical weights and metrics on CPU
+   (``benchmarks/same_seed_check.py``).
+3. **Resuming.** A checkpoint of the same fingerprint (:class:`~flip.train.callbacks.Checkpointer`) puts
+   back the model, optimizer, scheduler, :class:`FitState`, the task's extra state, the RNGs and the
+   log; running the same command again after a kill ends with the same metrics as an uninterrupted run.
+4. **Epochs.** An epoch is a permutation of ``range(n_train)`` drawn from a ``torch.Generator`` seeded
+   with the run's seed (its state at the start of the epoch is checkpointed: the permutation is
+   re-drawn); batches are slices of it: no DataLoader, no per-sample Python. ``grad_accum`` batches make
+   one optimizer step; a task that trains through ``DistributedDataParallel`` (``Task.ddp``) has its
+   gradients all-reduced only by the batch that ends a step (``require_backward_grad_sync``, as
+   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps.
+5. **Validation** after every epoch (when the task has a ``valid`` split), then the callbacks
+   (:mod:`flip.train.callbacks`): the step and epoch log, early stopping on validation AUC (the best
+   epoch's weights are kept), checkpoints.
+6. **The end** (:func:`finish`): the best weights are restored, the test split is scored once with them,
+   and the outputs are written through :class:`flip.runs.RunDir` (predictions, the task's
+   :meth:`Task.save_outputs` - ``model.safetensors`` by default -, ``config.json``, ``run.json``, and
+   ``metrics.json`` last); the checkpoint is removed.
 
-Several seeds: :func:`run_seeds` runs each seed in ``OUT/seed-<s>/`` and writes
-``OUT/metrics.json`` with the mean (also at the top level), the sample standard deviation
-(``ddof=1``) and every seed's values, so that paired tests across strategies are possible.
-
-Simulated crash (for tests of resuming): with the environment variable
-``FLIP_CRASH_AFTER_STEPS=K`` set, :func:`fit` raises :class:`SimulatedCrash` after ``K`` training
-batches of the current process (after the batch and after any checkpoint due at that batch),
-as a kill at that point would.
+``flip.runs`` documents the layout of what a run leaves; several seeds and learning-rate selection are
+:mod:`flip.train.selection`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,18 +46,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip.errors import SettingError
 from flip.evaluate.metrics import auc as auc_score
 from flip.evaluate.metrics import logloss as logloss_score
-from flip.io import atomic_dir, atomic_file, read_json, write_json
 from flip.progress import note, progress
-from flip.train.identity import flatten
+from flip.runs import RunDir, RunLog
+from flip.train.callbacks import (Callback, Checkpointer, EarlyStopping, EpochLog, SimulatedCrash, StepLog,
+                                  installed_callbacks)
 
-CHECKPOINT_VERSION = 2
-CRASH_ENV = "FLIP_CRASH_AFTER_STEPS"
-
-class SimulatedCrash(RuntimeError):
-    """Raised by :func:`fit` when ``FLIP_CRASH_AFTER_STEPS`` asks for a simulated kill."""
+__all__ = ["EvalSet", "Fit", "FitState", "LoopSettings", "SimulatedCrash", "Task", "count_parameters", "finish",
+           "fit", "predict_probs", "resolve_device", "score", "seed_everything", "set_threads"]
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -128,7 +104,7 @@ class Task:
     all-reduced only by the batch that ends an optimizer step), ``stat_names`` (per-batch statistics
     that ``loss`` returns beside the loss: the loop averages them over the rows of each ``step`` and
     ``epoch`` record and writes them into it, :meth:`stat_fields`), :meth:`run_summary` (entries for
-    ``run.json``).
+    ``run.json``), :meth:`save_outputs` (what the run writes besides the loop's files).
     """
 
     model: nn.Module
@@ -173,6 +149,15 @@ class Task:
         """Extra entries for ``run.json`` once training is done (called on every rank)."""
         return {}
 
+    def save_outputs(self, run: RunDir, weights: dict[str, torch.Tensor], metrics: dict[str, Any],
+                     info: dict[str, Any], log: list[dict[str, Any]]) -> dict[str, Any]:
+        """The end-of-fit hook (on every rank): write the run's weights and return ``metrics.json``'s
+        content. ``weights`` are the kept ones (also loaded in ``model``), ``metrics`` what the loop
+        measured, ``info`` what goes into ``run.json``, ``log`` the log's records. Default:
+        ``model.safetensors`` and the loop's metrics; pretraining writes its parts instead."""
+        run.write_weights(weights)
+        return metrics
+
 
 # ------------------------------------------------------------------------------------- helpers
 def resolve_device(name: str) -> torch.device:
@@ -197,94 +182,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def finished_metrics(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The metrics of a finished run in ``out_dir`` made with the same fingerprint, else None."""
-    metrics, run = out_dir / "metrics.json", out_dir / "run.json"
-    if not (metrics.exists() and run.exists()):
-        return None
-    try:
-        if read_json(run).get("fingerprint") != fingerprint:
-            return None
-        return read_json(metrics)
-    except (OSError, ValueError):
-        return None
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of ``model.state_dict()`` (independent storage per tensor)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file`` of a state dict, atomically (tied tensors are copied apart)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-
-
-def write_predictions(path: Path, row: np.ndarray, y: np.ndarray, prob: np.ndarray) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(
-        {
-            "row": pa.array(np.asarray(row, dtype=np.int64)),
-            "label": pa.array(np.asarray(y).astype(np.int8)),
-            "prob": pa.array(np.asarray(prob, dtype=np.float64)),
-        }
-    )
-    with atomic_file(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np.asarray(np_state["state"]["key"]).astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "random": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": n["bit_generator"],
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    version, internal, gauss = state["random"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 @torch.inference_mode()
@@ -314,13 +213,7 @@ def score(task: Task, split: str, eval_batch_size: int, device: torch.device,
     return {"auc": auc_score(y, prob), "logloss": logloss_score(y, prob)}, prob
 
 
-def _improved(value: float, best: float | None) -> bool:
-    if math.isnan(value):
-        return False
-    return best is None or math.isnan(best) or value > best
-
-
-# ----------------------------------------------------------------------------------------- fit
+# ----------------------------------------------------------------------------------- fit state
 @dataclass
 class FitState:
     """Where :func:`fit` stands: what a checkpoint saves and a resume restores (besides the model,
@@ -364,22 +257,128 @@ class FitState:
         return cls(**values)
 
 
-class _Log:
-    """``log.jsonl`` plus an in-memory copy that travels in the checkpoint."""
+@dataclass
+class Fit:
+    """One call of :func:`fit`: what it trains, where it stands, and what its callbacks read and change
+    (Hugging Face Trainer's ``state`` and ``control`` in one). Only ``state`` is checkpointed."""
 
-    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None) -> None:
-        self.path = path
-        self.records = list(records or [])
-        with atomic_file(path) as tmp:  # rewrite exactly what the checkpoint knew
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+    task: Task
+    settings: LoopSettings
+    run: RunDir
+    seed: int
+    device: torch.device
+    state: FitState
+    generator: torch.Generator  # the data order (its state at each epoch start is in ``state``)
+    log: RunLog | None = None  # opened by the Checkpointer (a resumed run's log goes on)
+    resumed: bool = False
+    bar: Any = None  # the epoch's progress bar
+    micro: int = 0  # batches of the optimizer step under way
+    stop: bool = False  # max_steps reached: the epoch and training end after this batch
+    batch_rows: int = 0  # rows of the last batch, its loss * rows and statistics * rows (float64, on the device)
+    batch_loss: torch.Tensor | None = None
+    batch_stats: torch.Tensor | None = None
+    samples_here: int = 0  # rows this process trained on in the current epoch
+    paused: float = 0.0  # seconds spent writing checkpoints: not training time (:meth:`clock`)
+    t_session: float = field(default_factory=time.perf_counter)
 
-    def __call__(self, event: str, **fields: Any) -> None:
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+    @classmethod
+    def start(cls, task: Task, settings: LoopSettings, run: RunDir, seed: int) -> "Fit":
+        device = torch.device(settings.device) if not isinstance(settings.device, torch.device) else settings.device
+        if int(task.n_train) <= 0:
+            raise ValueError("no training rows")
+        generator = torch.Generator().manual_seed(seed)
+        return cls(task, settings, run, seed, device, FitState.start(generator, device, len(task.stat_names)),
+                   generator)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.task.n_train)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / int(self.settings.batch_size))
+
+    @property
+    def accum(self) -> int:
+        return max(1, int(self.settings.grad_accum))
+
+    def clock(self) -> float:
+        """Seconds of training so far (checkpoint writing left out)."""
+        return time.perf_counter() - self.paused
+
+    def begin_epoch(self) -> torch.Tensor:
+        """The epoch's permutation (re-drawn from the generator's state at the epoch start); a new epoch
+        zeroes the epoch's sums; the epoch's progress bar is opened."""
+        s, settings = self.state, self.settings
+        self.generator.set_state(s.gen_state)
+        perm = torch.randperm(self.n_train, generator=self.generator).to(self.device)
+        if s.step == 0:
+            s.epoch_loss.zero_()
+            s.epoch_samples = 0
+            if s.epoch_stats is not None:
+                s.epoch_stats.zero_()
+        end = self.steps_per_epoch  # the bar's total: what this epoch will run (max_steps may end it early)
+        if settings.max_steps > 0:
+            end = min(end, s.step + max(settings.max_steps - s.global_step, 0) * self.accum)
+        bs = int(settings.batch_size)
+        self.bar = progress(min(end * bs, self.n_train), f"epoch {s.epoch + 1}/{settings.epochs}", "sample",
+                            initial=min(s.step * bs, self.n_train), enabled=settings.progress)
+        self.micro, self.samples_here = 0, 0
+        return perm
+
+    def train_batch(self, perm: torch.Tensor) -> None:
+        """Forward, backward and (when the batch ends one) the optimizer step of the epoch's next batch."""
+        s, task, settings = self.state, self.task, self.settings
+        bs, step, accum = int(settings.batch_size), s.step, self.accum
+        idx = perm[step * bs : (step + 1) * bs]
+        ends_step = self.micro + 1 == accum or step + 1 == self.steps_per_epoch
+        if task.ddp is not None:  # all-reduce the gradients only with the batch that ends the step
+            task.ddp.require_backward_grad_sync = ends_step
+        out = task.loss(idx)
+        loss, stats = out if isinstance(out, tuple) else (out, None)
+        (loss / accum if accum > 1 else loss).backward()
+        self.micro += 1
+        if ends_step:
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in task.optimizer.param_groups for p in g["params"]],
+                                               settings.grad_clip)
+            task.optimizer.step()
+            task.optimizer.zero_grad(set_to_none=True)
+            if task.scheduler is not None:
+                task.scheduler.step()
+            self.micro = 0
+            s.global_step += 1
+        self.batch_rows = nb = int(idx.shape[0])
+        self.batch_loss = loss.detach().double() * nb
+        s.epoch_loss += self.batch_loss
+        self.batch_stats = stats * nb if stats is not None else None
+        if stats is not None:
+            s.epoch_stats += self.batch_stats
+        s.epoch_samples += nb
+        self.samples_here += nb
+        s.step += 1
+        if settings.max_steps > 0 and s.global_step >= settings.max_steps and self.micro == 0:
+            self.stop = True
+
+    def end_epoch(self, t_epoch: float) -> dict[str, Any]:
+        """Count the epoch's time and rows; the epoch record (train loss, samples/s)."""
+        s = self.state
+        t_steps = self.clock() - t_epoch
+        s.seconds["train"] += t_steps
+        s.seconds["samples"] += self.samples_here
+        record = {"epoch": s.epoch + 1, "train_loss": (s.epoch_loss / max(s.epoch_samples, 1)).item(),
+                  "samples_per_second": self.samples_here / max(t_steps, 1e-9)}
+        s.history.append(record)
+        return record
+
+    def next_epoch(self) -> None:
+        s = self.state
+        s.epoch, s.step, s.gen_state = s.epoch + 1, 0, self.generator.get_state()
+        if self.stop:
+            s.phase = "done"
 
 
+# ----------------------------------------------------------------------------------------- fit
 def fit(
     build_task: Callable[[], Task],
     settings: LoopSettings,
@@ -390,353 +389,96 @@ def fit(
     fingerprint: str,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one seed in ``out_dir`` (resuming or recognising a finished run) and return metrics.
+    """Train one seed in ``out_dir`` (resuming or recognising a finished run) and return its metrics.
 
     ``build_task`` is called after seeding, so model initialisation follows the seed. ``config``
-    is written to ``config.json``; ``fingerprint`` (see :func:`flip.train.identity.config_fingerprint`) identifies the
-    run for resuming and for recognising a finished one; ``info`` goes into ``run.json``.
+    is written to ``config.json``; ``fingerprint`` (:mod:`flip.train.identity`) identifies the run for
+    resuming and for recognising a finished one; ``info`` goes into ``run.json``.
     """
-    out = Path(out_dir)
-    done = finished_metrics(out, fingerprint)
+    run = RunDir(out_dir)
+    done = run.finished(fingerprint)
     if done is not None:
-        note(f"{out}: a finished run with the same settings and data is there; reusing it", settings.progress)
+        note(f"{run.path}: a finished run with the same settings and data is there; reusing it", settings.progress)
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(settings.device) if not isinstance(settings.device, torch.device) else settings.device
-    ckpt_dir = out / "checkpoint"
-    ckpt_file = ckpt_dir / "state.pt"
-
-    ckpt: dict[str, Any] | None = None
-    if ckpt_file.exists():
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != fingerprint:
-            ckpt = None  # made by another configuration: start over
-            note(f"{out}: its checkpoint was made with other settings or data: starting fresh", settings.progress)
-    if ckpt is None:
-        for name in ("metrics.json", "run.json"):  # a stale result must not pass for this run's
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run, fingerprint, settings.checkpoint_every, settings.progress)
 
     seed_everything(seed)
-    task = build_task()
-    model, optimizer = task.model, task.optimizer
-    n_train, bs = int(task.n_train), int(settings.batch_size)
-    if n_train <= 0:
-        raise ValueError("no training rows")
-    steps_per_epoch = math.ceil(n_train / bs)
-    has_valid = "valid" in task.eval_sets
+    f = Fit.start(build_task(), settings, run, seed)
+    checkpointer.restore(f)  # resuming: the model, optimizer, state, RNGs and log of the checkpoint
+    early_stopping = EarlyStopping(settings.patience)
+    callbacks: list[Callback] = [StepLog(), EpochLog(), early_stopping, checkpointer, *installed_callbacks()]
+    for cb in callbacks:
+        cb.on_fit_start(f)
+    task, state = f.task, f.state
     announce = settings.progress and task.slow_scoring  # scoring a language model takes minutes on a CPU
-    accum = max(1, int(settings.grad_accum))
-    generator = torch.Generator().manual_seed(seed)
 
-    # ---- state (fresh or from the checkpoint)
-    state = FitState.start(generator, device, len(task.stat_names))
-    best_valid: tuple[dict[str, float], np.ndarray] | None = None  # this process's best-epoch valid scores
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if task.scheduler is not None and ckpt["scheduler"] is not None:
-            task.scheduler.load_state_dict(ckpt["scheduler"])
-        task.load_extra_state(ckpt["extra"])
-        state = FitState.from_checkpoint(ckpt, device)
-        _set_rng_state(ckpt["rng"])
-        log = _Log(out / "log.jsonl", ckpt["log"])
-        log("resume", epoch=state.epoch + 1, step=state.step, global_step=state.global_step)
-        note(f"resuming {out} from its checkpoint: epoch {state.epoch + 1}, step {state.step} of {steps_per_epoch} "
-             f"({state.global_step} optimizer steps done)", settings.progress)
-    else:
-        log = _Log(out / "log.jsonl")
-        log("start", seed=seed, device=str(device), n_train=n_train, batch_size=bs,
-            steps_per_epoch=steps_per_epoch, params=count_parameters(model))
-    del ckpt
-
-    def save_checkpoint() -> None:
-        elapsed = time.perf_counter() - t_session
-        checkpoint = {
-            "version": CHECKPOINT_VERSION,
-            "fingerprint": fingerprint,
-            **state.to_checkpoint(elapsed),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
-            "extra": task.extra_state(),
-            "rng": _rng_state(),
-            "log": log.records,
-        }
-        with atomic_dir(ckpt_dir) as tmp:
-            torch.save(checkpoint, tmp / "state.pt")
-
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    steps_this_process = 0
-    t_session = time.perf_counter()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    # ---- training
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
+    task.model.train()
+    task.optimizer.zero_grad(set_to_none=True)
     while state.phase == "train" and state.epoch < settings.epochs:
-        generator.set_state(state.gen_state)
-        perm = torch.randperm(n_train, generator=generator).to(device)
-        if state.step == 0:
-            state.epoch_loss.zero_()
-            state.epoch_samples = 0
-            if state.epoch_stats is not None:
-                state.epoch_stats.zero_()
-        # the bar's total is what this epoch will really run: the rest of the epoch, or fewer
-        # samples when max_steps ends training inside it
-        epoch_end = steps_per_epoch
-        if settings.max_steps > 0:
-            epoch_end = min(steps_per_epoch, state.step + max(settings.max_steps - state.global_step, 0) * accum)
-        bar = progress(min(epoch_end * bs, n_train), f"epoch {state.epoch + 1}/{settings.epochs}", "sample",
-                       initial=min(state.step * bs, n_train), enabled=settings.progress)
-        window_loss = torch.zeros((), dtype=torch.float64, device=device)
-        window_stats = torch.zeros_like(state.epoch_stats) if state.epoch_stats is not None else None
-        window_samples, window_t = 0, time.perf_counter()
-        t_epoch = time.perf_counter()
-        samples_here = 0
-        stop_now = False
-        micro = 0
-        while state.step < steps_per_epoch:
-            step = state.step
-            idx = perm[step * bs : (step + 1) * bs]
-            nb = int(idx.shape[0])
-            ends_optimizer_step = micro + 1 == accum or step + 1 == steps_per_epoch
-            if task.ddp is not None:  # all-reduce the gradients only with the batch that ends the step
-                task.ddp.require_backward_grad_sync = ends_optimizer_step
-            out_ = task.loss(idx)
-            loss, stats = out_ if isinstance(out_, tuple) else (out_, None)
-            (loss / accum if accum > 1 else loss).backward()
-            micro += 1
-            if ends_optimizer_step:
-                if settings.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if task.scheduler is not None:
-                    task.scheduler.step()
-                micro = 0
-                state.global_step += 1
-            lw = loss.detach().double() * nb
-            state.epoch_loss += lw
-            window_loss += lw
-            if stats is not None:
-                state.epoch_stats += stats * nb
-                window_stats += stats * nb
-            state.epoch_samples += nb
-            window_samples += nb
-            samples_here += nb
-            state.step += 1
-            step = state.step
-            steps_this_process += 1
-            bar.update(nb)
-            if settings.max_steps > 0 and state.global_step >= settings.max_steps and micro == 0:
-                stop_now = True
-            if step % settings.log_every == 0 or step == steps_per_epoch or stop_now:
-                now = time.perf_counter()
-                mean = (window_loss / max(window_samples, 1)).item()  # the only sync
-                rate = window_samples / max(now - window_t, 1e-9)
-                record = {"epoch": state.epoch + 1, "step": step, "global_step": state.global_step, "loss": mean,
-                          "samples_per_second": rate, "lr": optimizer.param_groups[0]["lr"]}
-                if settings.optimizer_steps:
-                    record["step"], record["epoch_step"] = state.global_step, step
-                if window_stats is not None:
-                    record.update(task.stat_fields(window_stats, window_samples))
-                    window_stats.zero_()
-                log("step", **record)
-                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-                window_loss.zero_()
-                window_samples = 0
-                window_t = now
-            if (settings.checkpoint_every > 0 and step % settings.checkpoint_every == 0
-                    and micro == 0 and step < steps_per_epoch and not stop_now):
-                t0 = time.perf_counter()
-                save_checkpoint()
-                window_t += time.perf_counter() - t0
-                t_epoch += time.perf_counter() - t0
-            if crash_after and steps_this_process >= crash_after:
-                bar.close()
-                raise SimulatedCrash(f"{CRASH_ENV}={crash_after}: simulated kill after {steps_this_process} batches")
-            if stop_now:
-                break
-        bar.close()
-        t_steps = time.perf_counter() - t_epoch
-        state.seconds["train"] += t_steps
-        state.seconds["samples"] += samples_here
-        train_loss = (state.epoch_loss / max(state.epoch_samples, 1)).item()
+        perm = f.begin_epoch()
+        t_epoch = f.clock()
+        for cb in callbacks:
+            cb.on_epoch_start(f)
+        with contextlib.closing(f.bar):  # closed also when a batch raises
+            while state.step < f.steps_per_epoch and not f.stop:
+                f.train_batch(perm)
+                for cb in callbacks:
+                    cb.on_batch_end(f)
+        record = f.end_epoch(t_epoch)
+        valid = None
+        if "valid" in task.eval_sets:
+            valid = score(task, "valid", settings.eval_batch_size, f.device, announce)
+            record["valid_auc"], record["valid_logloss"] = valid[0]["auc"], valid[0]["logloss"]
+        for cb in callbacks:
+            cb.on_evaluate(f, record, valid)
+        f.next_epoch()
+        for cb in callbacks:
+            cb.on_epoch_end(f, record)
 
-        record: dict[str, Any] = {"epoch": state.epoch + 1, "train_loss": train_loss,
-                                  "samples_per_second": samples_here / max(t_steps, 1e-9)}
-        if has_valid:
-            valid_metrics, valid_prob = score(task, "valid", settings.eval_batch_size, device, announce)
-            record["valid_auc"], record["valid_logloss"] = valid_metrics["auc"], valid_metrics["logloss"]
-            improved = _improved(valid_metrics["auc"], state.best_metric)
-        else:
-            improved = True  # no validation split: the latest weights are the best
-        if improved or state.best_model is None:
-            state.best_metric = record.get("valid_auc", state.best_metric)
-            state.best_epoch, state.bad_epochs = state.epoch + 1, 0
-            state.best_model = _cpu_state(model)
-            best_valid = (valid_metrics, valid_prob) if has_valid else None
-        else:
-            state.bad_epochs += 1
-        record["best"] = state.best_epoch == state.epoch + 1
-        state.history.append(record)
-        epoch_fields = {}
-        if state.epoch_stats is not None:
-            epoch_fields = task.stat_fields(state.epoch_stats, state.epoch_samples)
-        log("epoch", **record, global_step=state.global_step, **epoch_fields)
-        best_epoch = state.best_epoch
-        valid_text = (f", valid AUC {record['valid_auc']:.4f} logloss {record['valid_logloss']:.4f}"
-                      + (" (best)" if record["best"] else f" (best: epoch {best_epoch})") if has_valid else "")
-        note(f"epoch {state.epoch + 1}/{settings.epochs}: train loss {train_loss:.4f}{valid_text}, "
-             f"{record['samples_per_second']:,.0f} samples/s", settings.progress)
-        state.epoch += 1
-        state.step = 0
-        state.gen_state = generator.get_state()
-        if stop_now:
-            state.phase = "done"
-        elif has_valid and settings.patience > 0 and state.bad_epochs >= settings.patience:
-            state.phase = "done"
-            log("early_stop", epoch=state.epoch, best_epoch=best_epoch, best_valid_auc=state.best_metric)
-            note(f"early stop after epoch {state.epoch}: no better validation AUC for {settings.patience} epochs; "
-                 f"keeping epoch {best_epoch} (valid AUC {state.best_metric:.4f})", settings.progress)
-        save_checkpoint()
+    return finish(f, early_stopping.best_valid, config, fingerprint, info, announce)
 
-    # ---- final: best weights, score once on test, write outputs
+
+def finish(f: Fit, best_valid: tuple[dict[str, float], np.ndarray] | None, config: dict[str, Any],
+           fingerprint: str, info: dict[str, Any] | None, announce: bool = False) -> dict[str, Any]:
+    """The end of :func:`fit`: the best weights back in the model, valid (the best epoch's scores when
+    this process has them) and test scored and their predictions written, then the task's outputs,
+    ``config.json``, ``run.json`` and ``metrics.json`` (last), and the checkpoint removed."""
+    state, task, run, settings = f.state, f.task, f.run, f.settings
     state.phase = "done"
-    best_state, best_epoch, history, seconds = state.best_model, state.best_epoch, state.history, state.seconds
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    assert state.best_model is not None
+    task.model.load_state_dict(state.best_model)
     metrics: dict[str, Any] = {}
-    predictions_dir = out / "predictions"
     for split in ("valid", "test"):
         if split not in task.eval_sets:
             continue
         if split == "valid" and best_valid is not None:  # the best epoch's scores: same weights, no rescoring
             m, prob = best_valid
         else:
-            m, prob = score(task, split, settings.eval_batch_size, device, announce)
+            m, prob = score(task, split, settings.eval_batch_size, f.device, announce)
         metrics[split] = m
         es = task.eval_sets[split]
-        write_predictions(predictions_dir / f"{split}.parquet", es.row, es.y.detach().cpu().numpy(), prob)
+        run.write_predictions(split, es.row, es.y.detach().cpu().numpy(), prob)
         if split == "test":
-            log("test", **m)
-    seconds["total"] += time.perf_counter() - t_session
+            f.log("test", **m)
+    seconds, history = state.seconds, state.history
+    seconds["total"] += time.perf_counter() - f.t_session
     metrics["train"] = {
         "samples_per_second": seconds["samples"] / max(seconds["train"], 1e-9),
         "epochs": len(history),
-        "best_epoch": best_epoch,
+        "best_epoch": state.best_epoch,
         "steps": state.global_step,
-        "loss": history[best_epoch - 1]["train_loss"] if history else math.nan,
+        "loss": history[state.best_epoch - 1]["train_loss"] if history else math.nan,
         "seconds": seconds["total"],
     }
-    metrics["params"] = count_parameters(model)
+    metrics["params"] = count_parameters(task.model)
     metrics.update(task.summary())
-    save_weights(best_state, out / "model.safetensors")
-    write_json(out / "config.json", config)
-    write_json(out / "run.json", {
-        "fingerprint": fingerprint,
-        "seed": seed,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **(info or {}),
-        **task.run_summary(),
-    })
-    write_json(out / "metrics.json", metrics)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    run_info = {"fingerprint": fingerprint, "seed": f.seed, "device": str(f.device), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **(info or {}), **task.run_summary()}
+    metrics = task.save_outputs(run, state.best_model, metrics, run_info, f.log.records)
+    run.write_config(config)
+    run.write_info(run_info)
+    run.finish(metrics)
+    run.remove_checkpoint()
     return metrics
-
-
-def adopt_run(src: Path, dst: Path, fingerprint: str) -> None:
-    """Make the finished run in ``src`` (a selection candidate) the run in ``dst`` under ``fingerprint``:
-    its files are copied into ``dst`` (other entries of ``dst`` stay) and ``run.json`` carries the new
-    fingerprint; ``metrics.json`` is copied last, so an interrupted copy is not a finished run."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "metrics.json").unlink(missing_ok=True)
-    for item in src.iterdir():
-        if item.name in ("checkpoint", "run.json", "metrics.json"):
-            continue
-        if item.is_dir():
-            with atomic_dir(dst / item.name) as tmp:
-                shutil.copytree(item, tmp, dirs_exist_ok=True)
-        else:
-            with atomic_file(dst / item.name) as tmp:
-                shutil.copy2(item, tmp)
-    write_json(dst / "run.json", {**read_json(src / "run.json"), "fingerprint": fingerprint, "adopted_from": str(src)})
-    write_json(dst / "metrics.json", read_json(src / "metrics.json"))
-
-
-def score_saved_run(build_task: Callable[[], Task], settings: LoopSettings, out_dir: str | Path, split: str) -> dict[str, Any]:
-    """Score ``split`` with the weights a finished run saved (``model.safetensors``): its predictions
-    and metrics are added to the run. Used to score the test split once, after selection."""
-    from safetensors.torch import load_file
-
-    out = Path(out_dir)
-    device = torch.device(settings.device)
-    task = build_task()
-    task.model.load_state_dict(load_file(str(out / "model.safetensors"), device=str(device)))
-    m, prob = score(task, split, settings.eval_batch_size, device)
-    es = task.eval_sets[split]
-    write_predictions(out / "predictions" / f"{split}.parquet", es.row, es.y.detach().cpu().numpy(), prob)
-    metrics = read_json(out / "metrics.json")
-    metrics[split] = m
-    write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------- many seeds
-def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Mean (also at the top level), sample std (ddof=1; 0 for one seed) and per-seed values.
-
-    ``per_seed`` maps seed -> that seed's (nested) metrics. Only numeric leaves are aggregated.
-    """
-    if not per_seed:
-        raise ValueError("no seeds to aggregate")
-    seeds = list(per_seed)
-    flats = {s: flatten(m) for s, m in per_seed.items()}
-    keys = [k for k, v in flats[seeds[0]].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    mean, std = {}, {}
-    for key in keys:
-        values = np.array([float(flats[s].get(key, math.nan)) for s in seeds], dtype=np.float64)
-        mean[key] = float(values.mean())
-        std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    result = _unflatten(mean)
-    result.update(
-        {
-            "seeds": seeds,
-            "mean": _unflatten(mean),
-            "std": _unflatten(std),
-            "per_seed": {f"seed-{s}": per_seed[s] for s in seeds},
-        }
-    )
-    return result
-
-
-def run_seeds(cfg: Any, out_dir: str | Path, run_one: Callable[[Any, Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``run_one(cfg_with_one_seed, dir)`` per seed of ``cfg.run.seeds``.
-
-    One seed: straight into ``out_dir``. Several: into ``out_dir/seed-<s>/``, then
-    ``out_dir/config.json`` and ``out_dir/metrics.json`` (see :func:`aggregate_seeds`).
-    """
-    out = Path(out_dir)
-    seeds = list(cfg.run.seeds) or [0]
-    if len(set(seeds)) != len(seeds):
-        raise SettingError(f"run.seeds has duplicates: {seeds}")
-    if len(seeds) == 1:
-        return run_one(cfg, out)
-    # outputs of an earlier single-seed run here would pass for this run's: remove them
-    for name in ("metrics.json", "config.json", "run.json", "model.safetensors", "log.jsonl"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("predictions", "checkpoint"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    per_seed = {}
-    for s in seeds:
-        cfg_s = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seeds=[s]))
-        per_seed[s] = run_one(cfg_s, out / f"seed-{s}")
-    result = aggregate_seeds(per_seed)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
-    write_json(out / "metrics.json", result)
-    return result

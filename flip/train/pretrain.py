@@ -27,8 +27,8 @@ Randomness, resuming
     The loop seeds everything with ``run.seeds[0]`` (one pretraining run; finetuning repeats
     seeds) and draws the batch order. Masks and NCE noise come from a CPU ``torch.Generator`` of
     their own, seeded from the run seed and checkpointed with the task, so the same seed gives the
-    same run and a resumed run (``FLIP_CRASH_AFTER_STEPS`` / a kill, then the same command) ends
-    with the same metrics and weights as an uninterrupted one. Checkpoints: every epoch and every
+    same run and a resumed run (a kill, then the same command) ends with the same metrics and weights
+    as an uninterrupted one. Checkpoints: every epoch and every
     ``run.checkpoint_every`` batches (``OUT/checkpoint/``, removed at the end).
 
 Distributed (torchrun)
@@ -54,8 +54,10 @@ Outputs (``OUT``)
                          loads it with ``load_plm``
     ``dataset_meta.json``  the processed dataset's ``meta.json`` (finetuning checks the vocabulary)
 
-Finetuning (``flip.train.strategies``) reads ``id_model.safetensors``, ``plm/``, ``config.json`` and
-``dataset_meta.json``.
+The loop writes ``config.json``, ``run.json``, ``log.jsonl`` and ``metrics.json`` (last); everything
+else is written by :meth:`PretrainTask.save_outputs`, the loop's end-of-fit hook, from the model in
+memory (``flip.runs`` is the layout). Finetuning (``flip.train.strategies``) reads
+``id_model.safetensors``, ``plm/``, ``config.json`` and ``dataset_meta.json``.
 
 Imports only torch, numpy, pyarrow, safetensors, tqdm, PyYAML and the standard library (transformers
 lazily, through ``flip.models.plm``); nothing happens at import.
@@ -64,7 +66,6 @@ lazily, through ``flip.models.plm``); nothing happens at import.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -76,15 +77,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip.align.model import OBJECTIVES, FlipPretrainModel, keep_heads_only, load_feature_counts, pretrain_batch
+from flip.align.model import OBJECTIVES, FlipPretrainModel, load_feature_counts, pretrain_batch
 from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
 from flip.data.tokens import TokenizedSplit, tokenize_split
-from flip.io import read_json, write_json
+from flip.errors import FlipError
+from flip.io import write_json
+from flip.runs import RunDir
 from flip.train.distributed import (DistContext, all_reduce_sum, broadcast, check_same_position, init_distributed,
                                     rank_share)
 from flip.train.identity import pretrain_fingerprint
-from flip.train.loop import LoopSettings, Task, finished_metrics, fit, set_threads
+from flip.train.loop import LoopSettings, Task, fit, set_threads
 from flip.train.precision import autocast, use_bf16
 
 __all__ = ["PretrainData", "PretrainTask", "init_distributed", "load_pretrain_data", "pretrain", "pretrain_settings",
@@ -295,7 +298,7 @@ class PretrainTask(Task):
 
     def run_summary(self) -> dict[str, Any]:
         """``statistics`` for run.json: final (last ``RECENT`` batches) and whole-run means per
-        statistic, global over ranks (what metrics.json is made from, see :func:`_complete_outputs`)."""
+        statistic, global over ranks (what metrics.json is made from, see :meth:`save_outputs`)."""
         total = all_reduce_sum(self.total_sum, self.ctx) / max(self.total_n, 1)
         n = min(self.recent_count, RECENT)
         recent = all_reduce_sum(self.recent, self.ctx)
@@ -305,6 +308,22 @@ class PretrainTask(Task):
             final = recent.mean(0)
         return {"statistics": {"final": _named(final), "mean": _named(total), "samples": self.total_n,
                                "rows": self.n_train, "mean_tokens": float(self.token_sum) / max(self.total_n, 1)}}
+
+    def save_outputs(self, run: RunDir, weights: dict[str, torch.Tensor], metrics: dict[str, Any],
+                     info: dict[str, Any], log: list[dict[str, Any]]) -> dict[str, Any]:
+        """The end-of-fit hook: rank 0 writes the parts from the model in memory (the final weights are
+        loaded in it) - ``id_model.safetensors``, ``plm/``, ``heads.safetensors`` -, ``losses.json`` (the
+        log's step records), ``dataset_meta.json`` and ``vocab.parquet``; every rank returns the
+        pretraining metrics (the loop writes them to ``metrics.json``)."""
+        if self.ctx.is_main:
+            _save_parts(self.model, weights, run)
+            write_json(run.path / "dataset_meta.json", self.data.meta)
+            vocab = self.data.dataset_dir / "vocab.parquet"
+            if vocab.exists():  # lets a later dataset reuse this run (vocabulary map)
+                shutil.copy2(vocab, run.path / "vocab.parquet")
+            write_json(run.path / "losses.json", [{"step": r["step"], **{k: r.get(k) for k in ("loss", *OBJECTIVES)}}
+                                                  for r in log if r.get("event") == "step"])
+        return pretrain_metrics(self.cfg, self.model, metrics, info)
 
     def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:  # pragma: no cover - no eval sets
         raise RuntimeError("pretraining has no evaluation split")
@@ -382,11 +401,13 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
         fingerprint = pretrain_fingerprint(cfg, dataset_dir, seed, ctx.world)
 
         # a finished run (rank 0 decides for everyone)
-        done = finished_metrics(out, fingerprint) if ctx.is_main else None
+        done = RunDir(out).finished(fingerprint) if ctx.is_main else None
         done = broadcast(done, ctx)
         if done is not None:
-            if ctx.is_main:
-                done = _complete_outputs(cfg, dataset_dir, out, done)
+            missing = [p for p in PARTS if not (out / p).exists()] if ctx.is_main else []
+            if missing:  # an older version's run interrupted before its parts were written
+                raise FlipError(f"{out} holds a pretraining run without {', '.join(missing)}. Fix: delete {out} "
+                                "and run `flip pretrain` again.")
             return done
 
         tokenizer = load_tokenizer(cfg.plm.name)
@@ -395,13 +416,12 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
         settings = pretrain_settings(cfg, device, len(data), ctx)
         info = {"stage": "pretrain", "dataset_dir": str(dataset_dir), "world_size": ctx.world,
                 "plm": cfg.plm.name, "precision": "bf16" if pretrain_bf16(cfg, device) else "fp32"}
-        fit_metrics = fit(lambda: PretrainTask(cfg, data, device, seed, ctx), settings, run_dir, seed=seed,
-                          config=cfg.to_dict(), fingerprint=fingerprint, info=info)
-        result = None
-        if ctx.is_main:
-            result = _complete_outputs(cfg, dataset_dir, out, fit_metrics)
-        elif ctx.distributed:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        result = fit(lambda: PretrainTask(cfg, data, device, seed, ctx), settings, run_dir, seed=seed,
+                     config=cfg.to_dict(), fingerprint=fingerprint, info=info)
+        if not ctx.is_main:
+            result = None
+            if ctx.distributed:
+                shutil.rmtree(run_dir, ignore_errors=True)
         return broadcast(result, ctx)
     finally:
         if ctx.owns_group:
@@ -411,18 +431,13 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
             dist.destroy_process_group()
 
 
-def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write what the loop does not (the parts, losses.json, the full metrics) from the loop's outputs
-    (``model.safetensors``, ``log.jsonl``, the statistics in ``run.json``); idempotent, so a run killed
-    between the loop's outputs and these is completed by running the command again."""
-    if "objectives" in metrics and (out / "plm").is_dir() and (out / "id_model.safetensors").exists():
-        return keep_heads_only(out, metrics)
-    run = read_json(out / "run.json") if (out / "run.json").exists() else {}
-    summary = run.get("statistics")
-    if summary is None:
-        raise RuntimeError(f"{out}: the pretraining statistics (run.json) are missing; delete {out} and rerun")
+PARTS = ("id_model.safetensors", "plm", "heads.safetensors")  # what save_outputs writes besides the loop
 
-    model = _rebuild_model(cfg, dataset_dir, out)  # the encoders, separately: id_model.safetensors, plm/
+
+def _save_parts(model: FlipPretrainModel, weights: dict[str, torch.Tensor], run: RunDir) -> None:
+    """The encoders separately (``id_model.safetensors``, ``plm/``: FlipPretrainModel.save_parts, made
+    aside and moved into place) and the MLM/MTM/ICL heads (``heads.safetensors``): each weight once."""
+    out = run.path
     tmp = out / ".parts.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_parts(tmp)
@@ -432,16 +447,14 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
             shutil.rmtree(target)
         os.replace(tmp / name, target)
     shutil.rmtree(tmp, ignore_errors=True)
-    write_json(out / "dataset_meta.json", load_meta(dataset_dir))
-    if (Path(dataset_dir) / "vocab.parquet").exists():  # lets a later dataset reuse this run (vocabulary map)
-        shutil.copy2(Path(dataset_dir) / "vocab.parquet", out / "vocab.parquet")
+    run.write_weights(FlipPretrainModel.split_state_dict(weights)["heads"], "heads.safetensors")
 
-    # losses.json: the loop's step records (DVC plots)
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-    write_json(out / "losses.json", [{"step": r["step"], **{k: r.get(k) for k in ("loss", *OBJECTIVES)}}
-                                     for r in log if r.get("event") == "step"])
 
-    # metrics.json
+def pretrain_metrics(cfg: Config, model: FlipPretrainModel, metrics: dict[str, Any],
+                     info: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.json`` of a pretraining run: the task's statistics (``info["statistics"]``, see
+    :meth:`PretrainTask.run_summary`), the loop's ``train`` numbers, sizes and FLOPs."""
+    summary = info["statistics"]
     final, mean = summary["final"], summary["mean"]
     train = metrics.get("train", metrics)
     mean_tokens = float(summary.get("mean_tokens") or 0.0)
@@ -449,7 +462,7 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
     masked_fields = float(mean.get("mtm_fields") or 0.0)
     flops = model.flops_per_sample(mean_tokens, masked_tokens, masked_fields, cfg.pretrain.batch_size)
     sps = float(train.get("samples_per_second", 0.0))
-    result = {
+    return {
         **{k: final.get(k) for k in ("loss", *OBJECTIVES)},
         "accuracy": {k: final.get(f"{k}_acc") for k in OBJECTIVES},
         "mean": {k: mean.get(k) for k in ("loss", *OBJECTIVES)},
@@ -463,15 +476,15 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
         "seconds": float(train.get("seconds", 0.0)),
         "batch_size": int(cfg.pretrain.batch_size),
         "grad_accum": int(cfg.pretrain.grad_accum),
-        "world_size": int(run.get("world_size", 1)),
+        "world_size": int(info.get("world_size", 1)),
         "max_length": int(cfg.plm.max_length),
         "mean_tokens": mean_tokens,
         "masked_tokens_per_sample": masked_tokens,
         "masked_fields_per_sample": masked_fields,
         "plm": cfg.plm.name,
         "id_model": cfg.id_model.name,
-        "device": run.get("device"),
-        "precision": run.get("precision"),
+        "device": info.get("device"),
+        "precision": info.get("precision"),
         "params": int(metrics.get("params", sum(p.numel() for p in model.parameters()))),
         "plm_params": int(sum(p.numel() for p in model.plm.parameters())),
         "id_model_params": int(sum(p.numel() for p in model.id_model.parameters())),
@@ -479,21 +492,3 @@ def _complete_outputs(cfg: Config, dataset_dir: Path, out: Path, metrics: dict[s
         "achieved_tflops": flops * sps / 1e12,
         "train": train,
     }
-    write_json(out / "metrics.json", result)
-    return keep_heads_only(out, result)  # the encoders are stored once, in the parts
-
-
-def _rebuild_model(cfg: Config, dataset_dir: Path, out: Path) -> FlipPretrainModel:
-    """The pretraining module with the run's final weights (``model.safetensors``)."""
-    from safetensors.torch import load_file
-
-    from flip.models import build_id_model
-    from flip.models.plm import load_plm
-
-    meta = load_meta(dataset_dir)
-    plm, _ = load_plm(cfg.plm)
-    id_model = build_id_model(cfg.id_model, len(meta["fields"]), int(meta["vocab_size"]))
-    model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir, meta["vocab_size"]))
-    model.load_state_dict(load_file(str(out / "model.safetensors")))
-    return model
-

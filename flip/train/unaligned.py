@@ -12,6 +12,7 @@ from typing import Any
 
 from flip.config import Config
 from flip.io import atomic_dir, write_json
+from flip.runs import RunDir
 
 OBJECTIVES = ("mlm", "mtm", "icl")
 
@@ -45,10 +46,11 @@ def save_unaligned(cfg: Config, dataset_dir: Path, out: Path) -> dict[str, Any]:
     print("[pretrain] every objective has weight 0 (the paper's w/o MLM&MTM&ICL): nothing to align; "
           "writing the initial ID model and the language model as loaded", flush=True)
     with atomic_dir(out) as tmp:
+        run = RunDir(tmp)  # the whole directory appears at once, metrics.json in it
         save_file({k: v.detach().contiguous().clone() for k, v in id_model.state_dict().items()},
                   str(tmp / "id_model.safetensors"))
         plm.save_pretrained(tmp / "plm")
-        write_json(tmp / "config.json", cfg.to_dict())
+        run.write_config(cfg.to_dict())
         write_json(tmp / "dataset_meta.json", meta)
         if (dataset_dir / "vocab.parquet").exists():
             shutil.copy2(dataset_dir / "vocab.parquet", tmp / "vocab.parquet")
@@ -58,5 +60,5 @@ def save_unaligned(cfg: Config, dataset_dir: Path, out: Path) -> dict[str, Any]:
                    "batch_size": int(cfg.pretrain.batch_size), "plm": cfg.plm.name, "id_model": cfg.id_model.name,
                    "seed": seed, "id_model_params": int(sum(p.numel() for p in id_model.parameters())),
                    "plm_params": int(sum(p.numel() for p in plm.parameters()))}
-        write_json(tmp / "metrics.json", metrics)
+        run.finish(metrics)
     return metrics

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from flip.evaluate import auc, logloss
 from flip.io import read_json
-from flip.train import SimulatedCrash, finetune, load_ctr_data
-from flip.train.loop import CRASH_ENV
+from flip.runs import RunDir
+from flip.train import SimulatedCrash, crash_after, finetune, load_ctr_data
 
 SCORES = [("valid", "auc"), ("valid", "logloss"), ("test", "auc"), ("test", "logloss")]
 
@@ -86,20 +86,18 @@ def test_same_seed_identical_different_seed_different(tiny_dataset, tmp_path, ma
     assert scores(a)["test.logloss"] != scores(c)["test.logloss"]
 
 
-def test_resume_after_mid_epoch_kill_matches_uninterrupted(tiny_dataset, tmp_path, make_config, monkeypatch):
+def test_resume_after_mid_epoch_kill_matches_uninterrupted(tiny_dataset, tmp_path, make_config):
     # 3000 rows / 256 = 12 batches per epoch; checkpoints every 5 batches and at epoch ends
     cfg = make_config(finetune={"epochs": 3, "patience": 3}, run={"checkpoint_every": 5})
     reference = finetune(make_config(finetune={"epochs": 3, "patience": 3}), tiny_dataset, tmp_path / "ref")
 
     out = tmp_path / "resumed"
-    monkeypatch.setenv(CRASH_ENV, "19")  # epoch 2, batch 7: the last checkpoint is epoch 2, batch 5
-    with pytest.raises(SimulatedCrash):
+    # killed in epoch 2, batch 7: the last checkpoint is epoch 2, batch 5
+    with crash_after(19), pytest.raises(SimulatedCrash):
         finetune(cfg, tiny_dataset, out)
     assert (out / "checkpoint" / "state.pt").exists() and not (out / "metrics.json").exists()
-    monkeypatch.setenv(CRASH_ENV, "10")  # killed again, in epoch 3
-    with pytest.raises(SimulatedCrash):
+    with crash_after(10), pytest.raises(SimulatedCrash):  # killed again, in epoch 3
         finetune(cfg, tiny_dataset, out)
-    monkeypatch.delenv(CRASH_ENV)
     resumed = finetune(cfg, tiny_dataset, out)
 
     assert scores(resumed) == scores(reference)
@@ -263,7 +261,8 @@ def test_learning_rate_selection_on_validation_only(tiny_dataset, tmp_path, make
     wins; its run becomes the first seed's run and is scored on test once; the other seeds use it."""
     cfg = make_config(finetune={"epochs": 3, "patience": 3, "lr_grid": [1e-5, 1e-2]}, run={"seeds": [7, 8]})
     metrics = finetune(cfg, tiny_dataset, tmp_path)
-    sel = metrics["selection"]
+    sel = RunDir(tmp_path).selection()  # selection.json: the metrics are the seeds' alone
+    assert "selection" not in metrics and "selection" not in read_json(tmp_path / "metrics.json")
     assert [c["lr"] for c in sel["candidates"]] == [1e-5, 1e-2] and sel["seed"] == 7
     best = max(sel["candidates"], key=lambda c: c["valid_auc"])
     assert sel["selected"]["lr"] == best["lr"] == 1e-2  # 1e-5 barely moves in 3 epochs
@@ -296,6 +295,7 @@ def test_one_candidate_means_no_selection(tiny_dataset, tmp_path, make_config):
     cfg = make_config(finetune={"epochs": 1, "lr_grid": [3e-3]})
     metrics = finetune(cfg, tiny_dataset, tmp_path)
     assert "selection" not in metrics and not (tmp_path / "candidates").exists()
+    assert RunDir(tmp_path).selection() is None
     assert read_json(tmp_path / "config.json")["finetune"]["lr"] == 3e-3
 
 
@@ -308,19 +308,15 @@ def test_train_rows_and_eval_rows_apply_to_every_strategy(tiny_dataset, tmp_path
     assert len(rows) == 200 and rows[0] == all_rows[0] and rows[-1] == all_rows[-1]  # evenly spaced
 
 
-def test_resuming_and_discarding_a_checkpoint_are_said_on_the_terminal(tiny_dataset, tmp_path, make_config,
-                                                                         monkeypatch, capsys):
+def test_resuming_and_discarding_a_checkpoint_are_said_on_the_terminal(tiny_dataset, tmp_path, make_config, capsys):
     cfg = make_config(finetune={"epochs": 2}, run={"checkpoint_every": 5, "progress": True})
     out = tmp_path / "run"
-    monkeypatch.setenv(CRASH_ENV, "7")
-    with pytest.raises(SimulatedCrash):
+    with crash_after(7), pytest.raises(SimulatedCrash):
         finetune(cfg, tiny_dataset, out)
-    monkeypatch.setenv(CRASH_ENV, "3")
     capsys.readouterr()
-    with pytest.raises(SimulatedCrash):
+    with crash_after(3), pytest.raises(SimulatedCrash):
         finetune(cfg, tiny_dataset, out)
     assert f"resuming {out} from its checkpoint: epoch 1, step 5 of 12" in capsys.readouterr().err
-    monkeypatch.delenv(CRASH_ENV)
     changed = make_config(finetune={"epochs": 2, "lr": 1e-2}, run={"checkpoint_every": 5, "progress": True})
     finetune(changed, tiny_dataset, out)
     err = capsys.readouterr().err

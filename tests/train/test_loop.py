@@ -13,7 +13,8 @@ from torch import nn
 from flip.evaluate import auc
 from flip.io import read_json
 from flip.train.identity import config_fingerprint
-from flip.train.loop import EvalSet, LoopSettings, Task, aggregate_seeds, fit, run_seeds
+from flip.train.loop import EvalSet, LoopSettings, Task, fit
+from flip.train.selection import aggregate_seeds, run_seeds
 
 
 class Counter(nn.Module):
@@ -207,3 +208,50 @@ def test_loop_owns_gradient_sync_and_writes_task_statistics(tmp_path):
     [epoch] = [r for r in records if r["event"] == "epoch"]
     assert epoch["one"] == pytest.approx(1.0) and epoch["first"] is not None
     assert steps[-1]["first"] == pytest.approx(float(torch.randperm(26, generator=torch.Generator().manual_seed(0))[24]))
+
+
+def test_fit_reads_in_one_screen():
+    """fit() stays a short loop: the rest is callbacks (flip.train.callbacks) and helpers."""
+    import inspect
+
+    assert len(inspect.getsource(fit).splitlines()) <= 120
+
+
+def test_crash_hook_is_installed_only_inside_its_block_and_the_run_resumes(tmp_path):
+    from flip.train.callbacks import SimulatedCrash, crash_after
+
+    quality = [0.0, 0.1, 0.2, 0.3, 0.8, 0.5, 0.6, 0.7, 0.4, 0.3, 0.2, 0.9, 1.0, 0.1, 0.2, 0.3, 0.4]  # by batch
+    settings = LoopSettings(epochs=4, batch_size=2, patience=0, progress=False, checkpoint_every=1)
+    build = lambda: ScriptedTask(quality)  # noqa: E731
+    reference = fit(build, settings, tmp_path / "ref", seed=0, config={"x": 1}, fingerprint="f")
+    with crash_after(6), pytest.raises(SimulatedCrash):  # 4 batches an epoch: killed in epoch 2
+        fit(build, settings, tmp_path / "run", seed=0, config={"x": 1}, fingerprint="f")
+    assert (tmp_path / "run" / "checkpoint" / "state.pt").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    resumed = fit(build, settings, tmp_path / "run", seed=0, config={"x": 1}, fingerprint="f")  # no hook now
+    resumes = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+               if r["event"] == "resume"]
+    assert [(r["epoch"], r["step"]) for r in resumes] == [(2, 2)]
+    assert resumed["test"] == reference["test"] and resumed["train"]["best_epoch"] == reference["train"]["best_epoch"]
+
+
+def test_the_end_of_fit_hook_writes_the_outputs_and_metrics_come_last(tmp_path):
+    """Task.save_outputs: a task writes its own files and gives metrics.json its content; the loop writes
+    config.json, run.json and then metrics.json (whose absence means unfinished)."""
+    from flip.runs import RunDir
+
+    seen = {}
+
+    class OwnOutputs(ScriptedTask):
+        def save_outputs(self, run, weights, metrics, info, log):
+            seen.update(files=sorted(p.name for p in run.path.iterdir()), info=info, events=[r["event"] for r in log])
+            run.write_weights({"t2": weights["t"] * 2}, "doubled.safetensors")
+            return {"mine": metrics["train"]["epochs"]}
+
+    settings = LoopSettings(epochs=2, batch_size=8, patience=0, progress=False)
+    metrics = fit(lambda: OwnOutputs([0.0, 0.2, 0.8]), settings, tmp_path, seed=0, config={}, fingerprint="f",
+                  info={"stage": "x"})
+    assert metrics == {"mine": 2} == RunDir(tmp_path).metrics()
+    assert "metrics.json" not in seen["files"] and "run.json" not in seen["files"]
+    assert seen["info"]["stage"] == "x" and seen["events"][-1] == "test"
+    assert not (tmp_path / "model.safetensors").exists()
+    assert RunDir(tmp_path).weights_file.with_name("doubled.safetensors").exists()

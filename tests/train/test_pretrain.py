@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from flip.config import PlmConfig  # noqa: E402
 from helpers import pinned_config, pinned_tree  # noqa: E402
-from flip.train.loop import CRASH_ENV, SimulatedCrash  # noqa: E402
+from flip.train.callbacks import SimulatedCrash, crash_after  # noqa: E402
 from flip.train.pretrain import pretrain, pretrain_total_steps  # noqa: E402
 
 ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
@@ -126,41 +126,53 @@ def rebuilt_state(cfg, data, out) -> dict:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def test_finished_run_is_recognised_and_completed(env, main_run):
+def test_finished_run_is_recognised_and_a_kill_at_the_end_resumes(env, main_run, tmp_path, monkeypatch):
     cfg, out, metrics = main_run
     log_before = (out / "log.jsonl").read_text()
     assert pretrain(cfg, env[0], out) == json.loads(json.dumps(metrics))
     assert (out / "log.jsonl").read_text() == log_before
 
-    # a kill between the loop's outputs and ours: the next call completes them from the loop's
-    # model.safetensors (put back here from the stored parts) and stores each weight once again
-    import shutil
+    # a kill while the end-of-fit hook writes the parts (training done, metrics.json not yet written):
+    # the checkpoint is still there, and the next call ends the run from it, with the same weights
+    import flip.train.pretrain as module
+    from flip.errors import FlipError
 
-    from safetensors.torch import save_file
+    small = make_cfg(env, max_steps=4)
+    reference = pretrain(small, env[0], tmp_path / "reference")
 
-    save_file(rebuilt_state(cfg, env[0], out), str(out / "model.safetensors"))
-    saved = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").write_text(json.dumps({"train": saved["train"], "params": saved["params"]}))
-    (out / "id_model.safetensors").unlink()
-    shutil.rmtree(out / "plm")
-    again = pretrain(cfg, env[0], out)
-    assert (out / "id_model.safetensors").exists() and (out / "plm" / "config.json").exists()
-    assert {k: again[k] for k in ("loss", "mlm", "mtm", "icl", "steps")} == {
-        k: saved[k] for k in ("loss", "mlm", "mtm", "icl", "steps")}
-    assert (out / "log.jsonl").read_text() == log_before  # merging twice changes nothing
-    assert not (out / "model.safetensors").exists() and (out / "heads.safetensors").exists()
+    def killed(*args, **kwargs):
+        raise SimulatedCrash("killed after the parts were written")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(module, "pretrain_metrics", killed)
+        with pytest.raises(SimulatedCrash):
+            pretrain(small, env[0], run)
+    assert (run / "checkpoint" / "state.pt").exists() and (run / "id_model.safetensors").exists()
+    assert not (run / "metrics.json").exists()
+    again = pretrain(small, env[0], run)
+    assert len(records(run, "resume")) == 1
+    timing = ("seconds", "samples_per_second", "achieved_tflops", "train")
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in reference.items() if k not in timing}
+    for name in ("heads.safetensors", "id_model.safetensors", "plm/model.safetensors"):
+        a, b = load_file(tmp_path / "reference" / name), load_file(run / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not (run / "checkpoint").exists() and not (run / "model.safetensors").exists()
+
+    # a finished run whose parts are missing (an older version killed before it wrote them) is refused
+    (run / "heads.safetensors").unlink()
+    with pytest.raises(FlipError, match="without heads.safetensors. Fix: delete"):
+        pretrain(small, env[0], run)
 
 
-def test_resume_after_crash_gives_identical_results(env, tmp_path, monkeypatch):
+def test_resume_after_crash_gives_identical_results(env, tmp_path):
     cfg = make_cfg(env, max_steps=24, batch_size=64, run={"checkpoint_every": 5})
     reference = pretrain(cfg, env[0], tmp_path / "uninterrupted")
 
     out = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, "13")
-    with pytest.raises(SimulatedCrash):
+    with crash_after(13), pytest.raises(SimulatedCrash):
         pretrain(cfg, env[0], out)
     assert (out / "checkpoint" / "state.pt").exists() and not (out / "metrics.json").exists()
-    monkeypatch.delenv(CRASH_ENV)
     resumed = pretrain(cfg, env[0], out)
 
     assert [r["event"] for r in records(out, "resume")] == ["resume"]

@@ -18,7 +18,8 @@ from flip.config import config_from_dict  # noqa: E402
 from helpers import pinned_config  # noqa: E402
 from flip.errors import FlipError  # noqa: E402
 from flip.train import finetune, load_ctr_data  # noqa: E402
-from flip.train.loop import CRASH_ENV, SimulatedCrash, seed_everything  # noqa: E402
+from flip.train.callbacks import SimulatedCrash, crash_after  # noqa: E402
+from flip.train.loop import seed_everything  # noqa: E402
 from flip.train.pretrain import pretrain  # noqa: E402
 
 ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
@@ -173,15 +174,13 @@ def test_changed_pretraining_invalidates_a_finished_finetuning_run(env, tmp_path
     assert second["valid"] != first["valid"]
 
 
-def test_flip_resumes_after_a_crash_with_identical_results(env, tmp_path, monkeypatch):
+def test_flip_resumes_after_a_crash_with_identical_results(env, tmp_path):
     data, _, _, pre = env
     cfg = make_cfg(env, finetune={"strategy": "flip", "epochs": 2, "batch_size": 256},
                    run={"checkpoint_every": 2})
     reference = finetune(cfg, data, tmp_path / "a", pretrained=pre)
-    monkeypatch.setenv(CRASH_ENV, "5")
-    with pytest.raises(SimulatedCrash):
+    with crash_after(5), pytest.raises(SimulatedCrash):
         finetune(cfg, data, tmp_path / "b", pretrained=pre)
-    monkeypatch.delenv(CRASH_ENV)
     resumed = finetune(cfg, data, tmp_path / "b", pretrained=pre)
     for split in ("valid", "test"):
         assert resumed[split] == reference[split]
