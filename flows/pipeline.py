@@ -115,11 +115,14 @@ def run_stage(project: str, stage: str, force: bool = False) -> list[str]:
     logger.info("%s $ %s", project, " ".join(cmd))
     code, lines = stream(cmd, project, logger)
     if code != 0:
-        # DVC removes a stage's outputs before running it: put the last good ones back
-        restore = subprocess.run([dvc_executable(), "checkout", "--force", stage], cwd=project,
-                                 capture_output=True, text=True, env=_env())
-        restored = "previous outputs restored"
-        if restore.returncode != 0:
+        # DVC removes a stage's outputs before running it: put the last good ones back (dvc.lock still
+        # records them: a failed stage does not update it), unless the stage never ran before
+        restore = None
+        if stage_outputs(Path(project), stage):
+            restore = subprocess.run([dvc_executable(), "checkout", "--force", stage], cwd=project,
+                                     capture_output=True, text=True, env=_env())
+        restored = "previous outputs restored" if restore is not None else "no earlier outputs to restore"
+        if restore is not None and restore.returncode != 0:
             why = " ".join(x.strip() for x in (restore.stdout + restore.stderr).splitlines() if x.strip())
             restored = f"workspace NOT restored: {why or f'dvc checkout exited with {restore.returncode}'}"
             logger.error("stage %s failed and `dvc checkout --force %s` failed: %s", stage, stage, restored)
