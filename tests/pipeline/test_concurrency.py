@@ -137,9 +137,9 @@ print("released", flush=True)
 
 
 def _holder(project: Path) -> subprocess.Popen:
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -361,9 +361,11 @@ prefect_serve(deployment(params=project / "params.yaml", project=project), pause
 @pytest.mark.prefect
 @pytest.mark.slow
 def test_deployment_runs_one_at_a_time_and_a_cli_run_meets_the_lock(tmp_path):
-    """On a real ``prefect server start``: the served deployment carries concurrency limit 1 (CANCEL_NEW);
-    a second deployment run started while the first runs is cancelled by the server and never runs,
-    and ``python flows/pipeline.py retrain`` in the same project ends AlreadyRunning naming the first."""
+    """On a real ``prefect server start``: the served deployment carries concurrency limit 1 (CANCEL_NEW).
+    Of two runs started together one runs and the server cancels the other; a third started while the
+    first runs is cancelled too, neither ever starts; ``python flows/pipeline.py retrain`` in the same
+    project ends AlreadyRunning naming the first; and while a process outside the deployment holds the
+    lock, the deployment's next run ends AlreadyRunning."""
     project, control = _gated_project(tmp_path)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -406,13 +408,21 @@ def test_deployment_runs_one_at_a_time_and_a_cli_run_meets_the_lock(tmp_path):
                 r.raise_for_status()
                 return r.json()["id"]
 
-            first = new_run()
-            _wait("the first run to run its download stage",
-                  lambda: state(first)["type"] == "RUNNING" and _attempts(control) == 1, served, serve_log)
-            second = new_run()
-            s2 = _wait("the second run to end", lambda: (s := state(second))["type"] in
-                       ("CANCELLED", "COMPLETED", "FAILED", "CRASHED") and s, served, serve_log)
-            assert s2["type"] == "CANCELLED" and "concurrency limit" in s2["message"], s2
+            def ended(run_id: str):
+                return (st := state(run_id))["type"] in ("CANCELLED", "COMPLETED", "FAILED", "CRASHED") and st
+
+            # two runs started together (two `prefect deployment run` at once): the server admits one
+            pair = [new_run(), new_run()]
+            _wait("one run in its download stage, the other ended", lambda: _attempts(control) == 1
+                  and sorted(state(r)["type"] for r in pair) == ["CANCELLED", "RUNNING"], served, serve_log)
+            [first] = [r for r in pair if state(r)["type"] == "RUNNING"]
+            cancelled = [r for r in pair if r != first]
+            # and a third, started while the first runs
+            cancelled.append(new_run())
+            _wait("the third run to end", lambda: ended(cancelled[-1]), served, serve_log)
+            for run_id in cancelled:
+                st = state(run_id)
+                assert st["type"] == "CANCELLED" and "concurrency limit" in st["message"], st
             assert state(first)["type"] == "RUNNING" and _attempts(control) == 1
 
             cli = _cli_retrain(project, env, cli_log)
@@ -422,13 +432,25 @@ def test_deployment_runs_one_at_a_time_and_a_cli_run_meets_the_lock(tmp_path):
             assert state(first)["type"] == "RUNNING" and _attempts(control) == 1
 
             (control / "go").write_text("fail")  # end the first run quickly (its stage exits 2)
-            s1 = _wait("the first run to end", lambda: (s := state(first))["type"] in
-                       ("CANCELLED", "COMPLETED", "FAILED", "CRASHED") and s, served, serve_log)
+            s1 = _wait("the first run to end", lambda: ended(first), served, serve_log)
             assert s1["type"] == "FAILED", s1
             assert _attempts(control) == 1, "a run other than the first ran the download stage"
-            runs = client.post("/flow_runs/filter", json={"flow_runs": {"id": {"any_": [first, second]}}}).json()
-            assert sorted(r["state"]["type"] for r in runs) == ["CANCELLED", "FAILED"]
-            assert [r["start_time"] for r in runs if r["id"] == second] == [None]  # it never started
+            for run_id in cancelled:  # never started: the runner did not even launch them
+                history = client.get("/flow_run_states/", params={"flow_run_id": run_id}).json()
+                assert "RUNNING" not in [h["type"] for h in history], history
+                assert f"Aborted submission of flow run '{run_id}'" in _text(serve_log, tail=None)
+
+            # the other way round: a run started outside the deployment holds the lock, and the
+            # deployment's next run (its slot is free again) ends AlreadyRunning at once
+            holder = _holder(project)
+            try:
+                fourth = new_run()
+                s4 = _wait("the fourth run to end", lambda: ended(fourth), served, serve_log)
+            finally:
+                holder.kill()
+                holder.wait()
+            assert s4["type"] == "CANCELLED" and s4["name"] == "AlreadyRunning", s4
+            assert "0000-test-holder" in s4["message"] and _attempts(control) == 1
     finally:
         _kill_group(served, signal.SIGINT)
         _kill_group(server, signal.SIGINT)
