@@ -35,7 +35,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")
 
 
 def _stage(fn: Callable) -> Callable:
-    """Report configuration and data errors as one paragraph and exit 2 (no traceback)."""
+    """Report configuration and data errors as one paragraph and exit 2, or 75 for a
+    :class:`~flip.errors.TransientError` a retry may fix (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -43,7 +44,7 @@ def _stage(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (FlipError, ConfigError) as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
     return wrapper
 

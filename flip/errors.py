@@ -42,3 +42,10 @@ class DataError(FlipError):
 class SettingError(FlipError, ValueError):
     """A setting whose value the code cannot use (an unknown strategy, model, optimizer, ...): one
     paragraph naming the key, the valid values and the fix. Also a ValueError, for library callers."""
+
+
+class TransientError(DataError):
+    """A failure a retry may fix (a download refused or timed out). The CLI exits 75 (EX_TEMPFAIL)
+    instead of 2, so the retrain flow retries the stage, which it never does for bad input (exit 2)."""
+
+    exit_code = 75

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,18 +79,60 @@ def stream(cmd: list[str], cwd: str, logger: Any) -> tuple[int, list[str]]:
     return proc.returncode, lines
 
 
-@task(retries=2, retry_delay_seconds=RETRY_DELAY, retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+# a stage command's exit status 2 is `flip`'s FlipError (bad input or settings, one `error: `
+# paragraph): a retry runs into the same error, so it is not retried. DVC itself exits 255 for any
+# failed stage; the command's own status is in its message ("failed to run: <cmd>, exited with N").
+BAD_INPUT_EXIT = 2
+_EXITED = re.compile(r"failed to run: .*, exited with (-?\d+)\s*$")
+
+
+class StageInputError(RuntimeError):
+    """A stage failed on bad input or settings (its command exited 2): not retried."""
+
+
+def stage_exit_code(lines: list[str]) -> int | None:
+    """The stage command's own exit status as ``dvc repro`` reports it, or None (DVC failed itself)."""
+    for line in reversed(lines):
+        if m := _EXITED.search(line):
+            return int(m.group(1))
+    return None
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn`` of ``run_stage``: retry anything but :class:`StageInputError`."""
+    return not isinstance(state.data, StageInputError)
+
+
+@task(retries=2, retry_delay_seconds=RETRY_DELAY, retry_jitter_factor=0.5, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_input)
 def run_stage(project: str, stage: str, force: bool = False) -> list[str]:
     """``dvc repro --single-item <stage>``, its output streamed to the log; retried on failure
-    (network, preemption). A failed stage leaves its previous outputs in place (``dvc checkout``)."""
+    (network, preemption), but not on bad input or settings (exit 2: :class:`StageInputError`).
+    A failed stage leaves its previous outputs in place (``dvc checkout``); if they cannot be put
+    back (a full disk, a missing cache object), the error says "workspace NOT restored"."""
     logger = get_run_logger()
     cmd = [dvc_executable(), "repro", "--single-item", *(["--force"] if force else []), stage]
     logger.info("%s $ %s", project, " ".join(cmd))
     code, lines = stream(cmd, project, logger)
     if code != 0:
-        # DVC removes a stage's outputs before running it: put the last good ones back
-        subprocess.run([dvc_executable(), "checkout", "--force", stage], cwd=project, capture_output=True, env=_env())
-        raise RuntimeError(f"stage {stage} failed (exit {code}): " + "\n".join(lines[-15:]))
+        # DVC removes a stage's outputs before running it: put the last good ones back (dvc.lock still
+        # records them: a failed stage does not update it), unless the stage never ran before
+        restore = None
+        if stage_outputs(Path(project), stage):
+            restore = subprocess.run([dvc_executable(), "checkout", "--force", stage], cwd=project,
+                                     capture_output=True, text=True, env=_env())
+        restored = "previous outputs restored" if restore is not None else "no earlier outputs to restore"
+        if restore is not None and restore.returncode != 0:
+            why = " ".join(x.strip() for x in (restore.stdout + restore.stderr).splitlines() if x.strip())
+            restored = f"workspace NOT restored: {why or f'dvc checkout exited with {restore.returncode}'}"
+            logger.error("stage %s failed and `dvc checkout --force %s` failed: %s", stage, stage, restored)
+        status = stage_exit_code(lines)
+        # without DVC's status line (its wording changed?), `flip`'s one `error: ` paragraph tells
+        bad_input = status == BAD_INPUT_EXIT if status is not None else any(x.startswith("error: ") for x in lines)
+        error = StageInputError if bad_input else RuntimeError
+        raise error(f"stage {stage} failed (exit {code}{f', command exit {status}' if status is not None else ''}"
+                    f"{', bad input or settings: not retried' if bad_input else ''}; {restored}): "
+                    + "\n".join(lines[-15:]))
     return stage_outputs(Path(project), stage)
 
 
@@ -208,7 +251,37 @@ def retrain(project: str = ".", pull_new_data: bool = True):
       ``reuse`` finetunes from the last pretraining (its ID embeddings mapped onto the new vocabulary).
     * A refused challenger leaves the champion in place and ends the run Failed ("NotPromoted"), with
       the reasons in the log, the return value and the run's markdown artefact.
+    * One retrain per project at a time: the run first takes the project's lock
+      (``.flip/retrain.lock``, :mod:`flip.deploy.lock`) and holds it until it returns, gate and
+      promotion included. A second run, however started (the deployment, ``python flows/pipeline.py``),
+      ends at once Cancelled "AlreadyRunning", naming the run that holds the lock, and touches nothing.
     """
+    from prefect.context import FlowRunContext
+    from prefect.states import Cancelled, Failed
+
+    from flip.deploy.lock import LockError, LockHeld, acquire, describe
+
+    logger = get_run_logger()
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx and ctx.flow_run else None
+    try:  # before anything reads or writes the workspace
+        lock = acquire(project, flow_run_id=str(run.id) if run else None, flow_run_name=run.name if run else None)
+    except LockHeld as held:
+        message = (f"another retrain is running in {Path(project).resolve()}: {describe(held.owner)}; "
+                   "this run ends without touching the workspace")
+        logger.warning(message)
+        return Cancelled(name="AlreadyRunning", message=message)
+    except LockError as exc:
+        logger.error("error: %s", exc)
+        return Failed(message=f"error: {exc}")
+    if lock.previous:
+        logger.warning("taking over the lock left by %s, which is no longer running", describe(lock.previous))
+    with lock:
+        return _retrain_locked(project, pull_new_data)
+
+
+def _retrain_locked(project: str, pull_new_data: bool):
+    """The body of ``retrain``, run while this process holds the project's retrain lock."""
     from prefect.artifacts import create_markdown_artifact
     from prefect.states import Completed, Failed
 
@@ -299,8 +372,28 @@ def retrain(project: str = ".", pull_new_data: bool = True):
     return finish("Promoted", f"promoted {versions} to {rc.stage}{note}", True)
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main(argv: list[str]) -> int:
+    """``python flows/pipeline.py [FLOW] [PROJECT]``: run one flow; 0 if it completed, 1 otherwise.
+    The flows other than ``retrain`` (which locks itself) hold the project's retrain lock too."""
+    from flip.deploy.lock import LockHeld, acquire
+
     flows = {"retrain": retrain, "prepare-data": prepare_data, "pretrain": pretrain, "finetune": finetune,
              "evaluate": evaluate}
-    name = sys.argv[1] if len(sys.argv) > 1 else "retrain"
-    flows[name](project=sys.argv[2] if len(sys.argv) > 2 else ".")
+    name = argv[0] if argv else "retrain"
+    project = argv[1] if len(argv) > 1 else "."
+    if name == "retrain":
+        state = retrain(project=project, return_state=True)
+    else:
+        try:
+            lock = acquire(project)
+        except LockHeld as held:
+            print(f"{name}: {held}; nothing was run", file=sys.stderr)
+            return 1
+        with lock:
+            state = flows[name](project=project, return_state=True)
+    print(f"{name}: {state.name}" + (f": {state.message}" if state.message else ""))
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

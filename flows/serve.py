@@ -7,6 +7,15 @@
 
 With ``schedule.work_pool`` set (e.g. ``gpu-pool``), the deployment is registered on that work pool
 instead, and a worker on the GPU machine runs it: ``prefect worker start --pool gpu-pool``.
+
+One retrain at a time: the deployment has a concurrency limit of 1 (the UI shows it on the
+deployment) with the ``CANCEL_NEW`` collision strategy, so a run started while another is running (a
+manual run during the weekly one, late runs after an outage) is Cancelled by the server ("Deployment
+concurrency limit reached.") instead of waiting for a slot (the default, ``ENQUEUE``, would run it
+right after the first, re-downloading and retraining once more). A run killed without reporting
+keeps its slot until the server's lease on it expires (300 s, renewed while the run lives). Runs
+started outside the deployment meet the second layer, the project lock the flow itself takes (a
+second run ends ``AlreadyRunning``, see flows/pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,12 +27,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from flip.config import load_config  # noqa: E402
 from pipeline import retrain  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
+
+# at most one run of the deployment at a time; a second one is cancelled, not queued
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
 def deployment(params: str | Path = PROJECT / "params.yaml", project: str | Path = PROJECT):
@@ -36,6 +49,7 @@ def deployment(params: str | Path = PROJECT / "params.yaml", project: str | Path
         description="Weekly FLIP retraining on the newest data: download → … → report (DVC stages).",
         tags=["flip", "retrain"],
         work_pool_name=cfg.work_pool or None,
+        concurrency_limit=ONE_AT_A_TIME,
     )
 
 
@@ -49,7 +63,7 @@ def main() -> None:  # pragma: no cover - long-running
     if cfg.work_pool:
         retrain.from_source(source=str(PROJECT), entrypoint="flows/pipeline.py:retrain").deploy(
             name=cfg.name, work_pool_name=cfg.work_pool, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
-            parameters={"project": str(PROJECT), "pull_new_data": True})
+            parameters={"project": str(PROJECT), "pull_new_data": True}, concurrency_limit=ONE_AT_A_TIME)
         print(f"deployed retrain/{cfg.name} to work pool {cfg.work_pool}; start a worker: "
               f"prefect worker start --pool {cfg.work_pool}")
     else:

@@ -24,7 +24,7 @@ from typing import Any
 from flip.config import Config
 from flip.data.sources import get_source
 from flip.data.sources.base import Download, SourceInfo, find_raw
-from flip.errors import DataError
+from flip.errors import DataError, TransientError
 from flip.io import atomic_file, read_json, write_json
 
 
@@ -139,7 +139,7 @@ def _download(cfg: Config, source: Any, info: SourceInfo, out: Path, progress: b
                     try:
                         fetch(dl.url, archive, progress=progress)
                     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-                        raise DataError(f"cannot download {dl.url} ({exc})", file=str(archive),
+                        raise TransientError(f"cannot download {dl.url} ({exc})", file=str(archive),
                                         fix=_where_to_put(info, out)) from None
                 manifest["archives"][dl.filename] = {
                     "url": dl.url, "sha256": _verify(archive, dl, old.get("archives_sha256", {}))}
