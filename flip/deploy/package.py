@@ -81,7 +81,7 @@ def package(run: Path, data_dir: Path, out: Path, *, name: str = "", pretrained:
         "train_time_range": meta.get("time_range", {}).get("train"),
         "config": config,
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "package", BUNDLE_FILES) as tmp:
         shutil.copy2(seed_dir / "model.safetensors", tmp / "model.safetensors")
         shutil.copy2(vocab, tmp / "vocab.parquet")
         if strategy.uses_plm:

@@ -157,7 +157,7 @@ def drift(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     meta = read_json(Path(data_dir) / "meta.json")
     train = split_values(data_dir, "train").to_pandas()
     window = split_values(data_dir, "test").to_pandas()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "drift", ("drift.json", "window_drift.html", "window_drift.json")) as tmp:
         result = window_drift(train, window, meta, tmp, drift_share=cfg.retrain.drift_share,
                               target_drift=cfg.retrain.target_drift)
         result["window_time_range"] = meta.get("time_range", {}).get("test")

@@ -463,7 +463,7 @@ def fit(
             "rng": _rng_state(),
             "log": log.records,
         }
-        with atomic_dir(ckpt_dir) as tmp:
+        with atomic_dir(ckpt_dir, "checkpoint", ("state.pt",)) as tmp:
             torch.save(checkpoint, tmp / "state.pt")
 
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
@@ -660,7 +660,7 @@ def adopt_run(src: Path, dst: Path, fingerprint: str) -> None:
         if item.name in ("checkpoint", "run.json", "metrics.json"):
             continue
         if item.is_dir():
-            with atomic_dir(dst / item.name) as tmp:
+            with atomic_dir(dst / item.name, "finetune", ("*",)) as tmp:  # (in the run's own folder)
                 shutil.copytree(item, tmp, dirs_exist_ok=True)
         else:
             with atomic_file(dst / item.name) as tmp:
