@@ -213,6 +213,21 @@ def package(params: Params = Path("params.yaml"), set_: Overrides = None, out: O
     typer.echo(f"packaged {info['strategy']} (seed {info['seed']}, valid AUC {info['valid_auc']:.4f}) -> {out}")
 
 
+def _model(spec: str, work: Path) -> Path:
+    """``--model``/``--champion``: a bundle directory, or a registry version or stage fetched into
+    ``work``; a failed fetch (an unknown version or stage) is one paragraph with the fix."""
+    from flip.deploy.registry import resolve
+
+    try:
+        return resolve(Path("."), spec, work)
+    except FlipError as exc:
+        text = " ".join(str(exc).split())  # (dvc's own message spans lines)
+        if "Fix:" not in text:
+            text += (f" Fix: pass a bundle directory, or a version or stage the registry has for "
+                     f"{spec.split('@', 1)[0]} (`gto show` lists them).")
+        raise FlipError(text) from None
+
+
 @app.command()
 @_stage
 def predict(model: Annotated[str, typer.Option(help="bundle directory, ARTIFACT@VERSION or ARTIFACT@STAGE")],
@@ -225,10 +240,9 @@ def predict(model: Annotated[str, typer.Option(help="bundle directory, ARTIFACT@
     import tempfile
 
     from flip.deploy.predict import predict as run
-    from flip.deploy.registry import resolve
 
     with tempfile.TemporaryDirectory(prefix="flip-model-") as work:
-        bundle = resolve(Path("."), model, Path(work))
+        bundle = _model(model, Path(work))
         result = run(bundle, input_, out, batch_rows=batch_rows, id_column=id_column, progress=not quiet)
     unseen = ", ".join(f"{k} {v:,}" for k, v in result["oov_rows"].items() if v)
     quality = f"; AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}" if "auc" in result else ""
@@ -248,7 +262,7 @@ def gate(params: Params = Path("params.yaml"), set_: Overrides = None, data: Dat
     import tempfile
 
     from flip.deploy.gate import gate as run
-    from flip.deploy.registry import artifact_path, in_stage, resolve
+    from flip.deploy.registry import artifact_path, in_stage
 
     cfg = _config(params, set_)
     challenger = challenger or Path(artifact_path(Path("."), artifact))
@@ -258,7 +272,7 @@ def gate(params: Params = Path("params.yaml"), set_: Overrides = None, data: Dat
         spec, version = (f"{artifact}@{current['version']}", current["version"]) if current else ("none", "")
     out = out or Path("reports/gate") / f"{artifact}.json"
     with tempfile.TemporaryDirectory(prefix="flip-champion-") as work:
-        champion_dir = None if spec == "none" else resolve(Path("."), spec, Path(work))
+        champion_dir = None if spec == "none" else _model(spec, Path(work))
         result = run(challenger, champion_dir, data or cfg.data.processed_path, cfg.retrain, out, artifact=artifact,
                      champion_version=version or spec)
     typer.echo(f"{artifact}: {'promote' if result['promote'] else 'keep the champion'}: {'; '.join(result['reasons'])}")
