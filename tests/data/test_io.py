@@ -153,3 +153,69 @@ def test_recovery_leaves_the_writes_of_live_processes_alone(tmp_path):
         assert recover_dir(out) == "removed leftovers" and not other.exists() and d.exists()
         (d / "value.txt").write_text("2")
     assert (out / "value.txt").read_text() == "2"
+
+
+# ---------------------------------------------------------------------- the stages' --out, end to end
+def _flip(*args: str):
+    from typer.testing import CliRunner
+
+    from flip.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _refused(result, folder, stage: str, foreign: str) -> None:
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    text = result.stderr.strip()
+    assert "\n" not in text and "Traceback" not in text, text
+    assert f"{folder} holds files that flip {stage} did not write: {foreign}" in text, text
+    assert "choose an empty or new folder" in text
+
+
+SYNTHETIC = ("-S", "data.dataset=synthetic", "-S", "data.synthetic.rows=400")
+
+
+@pytest.mark.slow
+def test_preprocess_into_a_folder_holding_raw_data_refuses_and_into_its_own_output_reruns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "ratings.dat").write_text("1::2::5::978300760\n")
+    _refused(_flip("preprocess", *SYNTHETIC, "--raw", "raw", "--out", "data", "-q"), "data", "preprocess", "raw")
+    assert (tmp_path / "data" / "raw" / "ratings.dat").read_text() == "1::2::5::978300760\n"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+    out = tmp_path / "processed"
+    assert _flip("preprocess", *SYNTHETIC, "--raw", "raw", "--out", str(out), "-q").exit_code == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert MARKER in first and "meta.json" in first
+    assert _flip("preprocess", *SYNTHETIC, "--raw", "raw", "--out", str(out), "-q").exit_code == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # byte-identical, marker included
+    (out / MARKER).unlink()  # a processed dataset written before the marker: its known files only
+    assert _flip("preprocess", *SYNTHETIC, "--raw", "raw", "--out", str(out), "-q").exit_code == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    (out / MARKER).unlink()
+    (out / "notes.txt").write_text("mine")  # ... and nothing else (a marked folder is the stage's own)
+    _refused(_flip("preprocess", *SYNTHETIC, "--raw", "raw", "--out", str(out), "-q"), out, "preprocess", "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_drift_into_the_reports_folder_refuses_and_keeps_its_files(synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = synthetic_data(400)
+    (tmp_path / "reports" / "plots").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics.json").write_text('{"auc": 0.8}')
+    _refused(_flip("drift", "--data", str(data), "--out", "reports"), "reports", "drift", "metrics.json, plots")
+    assert (tmp_path / "reports" / "metrics.json").read_text() == '{"auc": 0.8}'
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["metrics.json", "plots"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+
+
+@pytest.mark.slow
+def test_drift_reruns_into_its_own_output(synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = synthetic_data(400)
+    for _ in range(2):
+        result = _flip("drift", "--data", str(data), "--out", "reports/drift")
+        assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "reports" / "drift").iterdir()} == {
+        MARKER, "drift.json", "window_drift.html", "window_drift.json"}

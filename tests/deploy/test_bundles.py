@@ -130,6 +130,28 @@ def test_a_broken_bundle_is_one_paragraph_and_no_output(served, bundle_copy, tmp
     assert not (tmp_path / "gate.json").exists()
 
 
+# ------------------------------------------------------------------------------ flip package --out
+def test_package_into_the_models_folder_refuses_and_into_its_own_bundle_reruns(served, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "models"
+    shutil.copytree(served["root"] / "run", models / "finetune" / "scratch")
+    (models / "pretrain").mkdir()
+    before = sorted(str(p.relative_to(models)) for p in models.rglob("*"))
+    args = ["package", "--run", str(models / "finetune" / "scratch"), "--data", str(served["data"])]
+    result = CliRunner().invoke(app, [*args, "--out", "models"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+    text = result.stderr.strip()
+    assert "\n" not in text and "models holds files that flip package did not write: finetune, pretrain" in text
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*")) == before  # every run is still there
+    for _ in range(2):  # its own bundle: replaced
+        result = CliRunner().invoke(app, [*args, "--out", "models/serve/scratch"])
+        assert result.exit_code == 0, result.output
+    assert (models / "serve" / "scratch" / ".flip-output").read_text() == '{"stage": "package"}\n'
+    result = CliRunner().invoke(app, [*args, "--out", "models/finetune"])  # a folder of runs
+    assert result.exit_code == 2 and "did not write: scratch" in result.stderr
+    assert (models / "finetune" / "scratch" / "metrics.json").exists()
+
+
 # ------------------------------------------------------------------- a bundle with a language model
 @pytest.fixture(scope="module")
 def plm_bundle(served, tiny_bert, tmp_path_factory):
