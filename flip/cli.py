@@ -1,7 +1,9 @@
 """``flip <stage>``: one thin command per pipeline stage, called by ``dvc.yaml`` and the Prefect flows.
 
 Every stage takes ``--params FILE`` (default ``params.yaml``) and repeatable ``-S key=value``
-overrides (dotted, as in ``dvc exp run -S``); stages that write take ``--out DIR``. A command
+overrides (dotted, as in ``dvc exp run -S``); stages that write take ``--out DIR``. A folder a stage
+replaces as a whole (preprocess, drift, analyze, package; validate's and evaluate's subfolders) is
+refused when it holds files the stage did not write (:func:`flip.io.atomic_dir`). A command
 parses the config, calls the stage function, and turns a :class:`~flip.errors.FlipError` into one
 readable paragraph on stderr and exit code 2.
 """

@@ -14,6 +14,10 @@ The bundle (a DVC output declared as an artifact in ``dvc.yaml``, versioned with
                        with ``torch.jit.load`` without this package (the vocabularies beside it)
 ``plm/``               models with a language model: its config and tokenizer (the weights are in
                        ``model.safetensors``, stored once)
+``.flip-output``       the marker of :func:`flip.io.atomic_dir`: ``flip package`` wrote this folder
+
+:func:`load_bundle` (``flip predict``, ``flip gate``) checks a bundle before using it: a cut, edited or
+incomplete one is one paragraph and exit 2.
 """
 
 from __future__ import annotations
@@ -245,10 +249,13 @@ def check_vocabulary(path: Path, info: dict[str, Any]) -> None:
     if not file.is_file():
         raise DataError("the bundle has no vocab.parquet (the training vocabularies)", file=str(file), fix=REPACKAGE)
     try:
-        table = pq.read_table(file, columns=["field", "value", "id"])
+        missing = {"field", "value", "id"} - set(pq.read_schema(file).names)
+        table = pq.read_table(file, columns=["field", "id"])  # (the values are read by whoever maps them)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"vocab.parquet is unreadable (cut short, or without the columns field, value, id): "
-                        f"{_one_line(exc)}", file=str(file), fix=REPACKAGE) from None
+        raise DataError(f"vocab.parquet is unreadable (cut short or overwritten?): {_one_line(exc)}", file=str(file),
+                        fix=REPACKAGE) from None
+    if missing:
+        raise DataError(f"vocab.parquet has no column {', '.join(sorted(missing))}", file=str(file), fix=REPACKAGE)
     if not pa.types.is_integer(table.schema.field("id").type):
         raise DataError(f"vocab.parquet's ids are {table.schema.field('id').type}, not integers", file=str(file),
                         column="id", fix=REPACKAGE)
