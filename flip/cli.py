@@ -1,7 +1,9 @@
 """``flip <stage>``: one thin command per pipeline stage, called by ``dvc.yaml`` and the Prefect flows.
 
 Every stage takes ``--params FILE`` (default ``params.yaml``) and repeatable ``-S key=value``
-overrides (dotted, as in ``dvc exp run -S``); stages that write take ``--out DIR``. A command
+overrides (dotted, as in ``dvc exp run -S``); stages that write take ``--out DIR``. A folder a stage
+replaces as a whole (preprocess, drift, analyze, package; validate's and evaluate's subfolders) is
+refused when it holds files the stage did not write (:func:`flip.io.atomic_dir`). A command
 parses the config, calls the stage function, and turns a :class:`~flip.errors.FlipError` into one
 readable paragraph on stderr and exit code 2.
 """
@@ -231,6 +233,21 @@ def package(params: Params = Path("params.yaml"), set_: Overrides = None, out: O
     typer.echo(f"packaged {info['strategy']} (seed {info['seed']}, valid AUC {info['valid_auc']:.4f}) -> {out}")
 
 
+def _model(spec: str, work: Path) -> Path:
+    """``--model``/``--champion``: a bundle directory, or a registry version or stage fetched into
+    ``work``; a failed fetch (an unknown version or stage) is one paragraph with the fix."""
+    from flip.deploy.registry import resolve
+
+    try:
+        return resolve(Path("."), spec, work)
+    except FlipError as exc:
+        text = " ".join(str(exc).split())  # (dvc's own message spans lines)
+        if "Fix:" not in text:
+            text += (f" Fix: pass a bundle directory, or a version or stage the registry has for "
+                     f"{spec.split('@', 1)[0]} (`gto show` lists them).")
+        raise FlipError(text) from None
+
+
 @app.command()
 @_stage
 def predict(model: Annotated[str, typer.Option(help="bundle directory, ARTIFACT@VERSION or ARTIFACT@STAGE")],
@@ -243,10 +260,9 @@ def predict(model: Annotated[str, typer.Option(help="bundle directory, ARTIFACT@
     import tempfile
 
     from flip.deploy.predict import predict as run
-    from flip.deploy.registry import resolve
 
     with tempfile.TemporaryDirectory(prefix="flip-model-") as work:
-        bundle = resolve(Path("."), model, Path(work))
+        bundle = _model(model, Path(work))
         result = run(bundle, input_, out, batch_rows=batch_rows, id_column=id_column, progress=not quiet)
     unseen = ", ".join(f"{k} {v:,}" for k, v in result["oov_rows"].items() if v)
     quality = f"; AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}" if "auc" in result else ""
@@ -266,7 +282,7 @@ def gate(params: Params = Path("params.yaml"), set_: Overrides = None, data: Dat
     import tempfile
 
     from flip.deploy.gate import gate as run
-    from flip.deploy.registry import artifact_path, in_stage, resolve
+    from flip.deploy.registry import artifact_path, in_stage
 
     cfg = _config(params, set_)
     challenger = challenger or Path(artifact_path(Path("."), artifact))
@@ -276,7 +292,7 @@ def gate(params: Params = Path("params.yaml"), set_: Overrides = None, data: Dat
         spec, version = (f"{artifact}@{current['version']}", current["version"]) if current else ("none", "")
     out = out or Path("reports/gate") / f"{artifact}.json"
     with tempfile.TemporaryDirectory(prefix="flip-champion-") as work:
-        champion_dir = None if spec == "none" else resolve(Path("."), spec, Path(work))
+        champion_dir = None if spec == "none" else _model(spec, Path(work))
         result = run(challenger, champion_dir, data or cfg.data.processed_path, cfg.retrain, out, artifact=artifact,
                      champion_version=version or spec)
     typer.echo(f"{artifact}: {'promote' if result['promote'] else 'keep the champion'}: {'; '.join(result['reasons'])}")

@@ -342,7 +342,7 @@ class RunDir:
             if item.name in (CHECKPOINT, INFO, METRICS):
                 continue
             if item.is_dir():
-                with atomic_dir(self.path / item.name) as tmp:
+                with atomic_dir(self.path / item.name, "finetune", ("*",)) as tmp:  # (in the run's own folder)
                     shutil.copytree(item, tmp, dirs_exist_ok=True)
             else:
                 with atomic_file(self.path / item.name) as tmp:

@@ -79,7 +79,8 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     log = print if progress else (lambda *a, **k: None)
 
-    with tempfile.TemporaryDirectory(prefix=".preprocess-", dir=out_dir.parent) as work, atomic_dir(out_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".preprocess-", dir=out_dir.parent) as work, \
+            atomic_dir(out_dir, "preprocess", ("meta.json", "*.parquet")) as tmp:
         inputs = getattr(source, "inputs", None)  # a source reading files outside raw_dir names them
         con = connect(Path(work), cfg, read=[Path(raw_dir), *(inputs(cfg) if inputs else [])], write=[tmp])
         origin = "the files of data.csv.files" if cfg.data.dataset == "csv" else raw_dir

@@ -98,7 +98,8 @@ def validate(cfg: Config, data_dir: Path, out_dir: Path) -> dict[str, Any]:
         warnings.append(f"{meta['dataset']} has {meta['counts']['total']:,} samples, the published dataset "
                         f"{expected:,} (a partial copy?)")
 
-    with atomic_dir(out_dir / "gx_docs") as docs:
+    with atomic_dir(out_dir / "gx_docs", "validate", ("index.html", "static", "validations", "expectations")) \
+            as docs:
         ctx = gx.get_context(mode="ephemeral")
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         ctx.add_data_docs_site(site_name="reports", site_config={

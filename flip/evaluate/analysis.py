@@ -168,7 +168,7 @@ def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: d
     from flip.train.strategies import pretrained_rows
 
     vocab_rows = pretrained_rows(pretrained, dataset_dir)  # a retrain that reused an older pretraining
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "analyze", ("fig5_*.png", "fig6_*.png", "analysis.json")) as tmp:
         try:
             sim = field_similarity(pretrained, dataset_dir, rows)
         except NoIclHeads as exc:  # the "w/o ICL" ablation: Fig. 5 needs the ICL projections

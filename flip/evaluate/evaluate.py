@@ -260,13 +260,13 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
                               "config": first_seed.config()}
     print(f"[evaluate] {len(runs)} strategies ({', '.join(runs)}) + {len(full_runs)} full-data run(s); "
           "Evidently drift reports ...", flush=True)
-    with atomic_dir(out_dir / "evidently") as ev:
+    with atomic_dir(out_dir / "evidently", "evaluate", ("*.html", "*.json")) as ev:
         result["data_drift"] = data_drift(cfg, data_dir, meta, ev, drift_dir)
         result["strategies"], plots = _score_group(runs, frames, keys, meta["vocab_size"], ev, e)
     print(f"[evaluate] scored the equal-data runs ({time.time() - started:.0f}s)", flush=True)
     if full_runs:
         result["full_data"], _ = _score_group(full_runs, frames, keys, meta["vocab_size"], None, e)
-    with atomic_dir(out_dir / "plots") as tmp:
+    with atomic_dir(out_dir / "plots", "evaluate", tuple(DIAGONALS)) as tmp:
         for kind, per in plots.items():
             name, x, y = DIAGONALS[kind]
             for strategy, rows in {**per, name: [{x: 0.0, y: 0.0}, {x: 1.0, y: 1.0}]}.items():

@@ -184,7 +184,7 @@ def drift(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     train = split_values(data_dir, "train").to_pandas()
     window = split_values(data_dir, "test").to_pandas()
     settings = drift_settings(cfg)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "drift", ("drift.json", "window_drift.html", "window_drift.json")) as tmp:
         result = window_drift(train, window, meta, tmp, drift_share=settings["drift_share"],
                               target_drift=settings["target_drift"], max_rows=settings["max_rows"],
                               seed=settings["seed"])

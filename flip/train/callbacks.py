@@ -255,7 +255,7 @@ class Checkpointer(Callback):
         }
         from flip.io import atomic_dir
 
-        with atomic_dir(self.run.checkpoint_dir) as tmp:
+        with atomic_dir(self.run.checkpoint_dir, "checkpoint", ("state.pt",)) as tmp:
             torch.save(checkpoint, tmp / "state.pt")
 
     def on_batch_end(self, fit: Fit) -> None:

@@ -45,7 +45,9 @@ def save_unaligned(cfg: Config, dataset_dir: Path, out: Path) -> dict[str, Any]:
     plm, _ = load_plm(cfg.plm)
     print("[pretrain] every objective has weight 0 (the paper's w/o MLM&MTM&ICL): nothing to align; "
           "writing the initial ID model and the language model as loaded", flush=True)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "pretrain", ("id_model.safetensors", "heads.safetensors", "model.safetensors", "plm",
+                                      "config.json", "dataset_meta.json", "losses.json", "metrics.json", "run.json",
+                                      "log.jsonl", "vocab.parquet", "checkpoint", "predictions")) as tmp:
         run = RunDir(tmp)  # the whole directory appears at once, metrics.json in it
         save_file({k: v.detach().contiguous().clone() for k, v in id_model.state_dict().items()},
                   str(tmp / "id_model.safetensors"))

@@ -1,5 +1,6 @@
 """Bundles, `flip predict`, the TorchScript export, the gate rule and the vocabulary map of a reused
-pretraining, on a synthetic dataset preprocessed by the real pipeline and a model trained on it."""
+pretraining, on a synthetic dataset preprocessed by the real pipeline and a model trained on it (the
+``served`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,36 +18,12 @@ import pytest
 import torch
 
 from flip.config import RetrainConfig
-from helpers import pinned_config
-from flip.data.preprocess import preprocess, split_values
 from flip.deploy.gate import decide
-from flip.deploy.package import load_bundle, package
+from flip.deploy.package import load_bundle
 from flip.deploy.predict import predict
 from flip.evaluate.metrics import auc
-from flip.train.finetune import finetune
 
 FLIP = str(Path(sys.executable).parent / "flip")
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A processed synthetic dataset, a two-seed scratch run on it, and its bundle."""
-    root = tmp_path_factory.mktemp("deploy")
-    cfg = pinned_config({
-        "data": {"dataset": "synthetic", "synthetic": {"rows": 3000, "fields": 6}},
-        "id_model": {"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2},
-        "finetune": {"strategy": "scratch", "epochs": 2, "train_rows": 0, "eval_rows": 0, "lr_grid": [],
-                     "batch_size": 256, "eval_batch_size": 512, "precision": "fp32"},
-        "run": {"seeds": [1, 2], "threads": 1, "progress": False},
-    })
-    data = root / "data"
-    preprocess(cfg, root / "raw", data, progress=False)
-    finetune(cfg, data, root / "run")
-    info = package(root / "run", data, root / "bundle")
-    test = split_values(data, "test")
-    pq.write_table(test, root / "test.parquet")
-    torch.set_num_threads(1)
-    return {"root": root, "data": data, "bundle": root / "bundle", "info": info, "test": test}
 
 
 def test_bundle_holds_the_best_validation_seed(served):
@@ -54,7 +31,7 @@ def test_bundle_holds_the_best_validation_seed(served):
     valid = {s: json.loads((run / f"seed-{s}" / "metrics.json").read_text())["valid"]["auc"] for s in (1, 2)}
     assert info["seed"] == max(valid, key=valid.get) and info["valid_auc"] == valid[info["seed"]]
     assert {p.name for p in served["bundle"].iterdir()} == {"model.json", "model.safetensors", "vocab.parquet",
-                                                          "model.pt"}
+                                                          "model.pt", ".flip-output"}
 
 
 def test_predict_reproduces_the_runs_test_predictions_and_auc(served):
