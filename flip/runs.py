@@ -68,6 +68,9 @@ PREDICTIONS = "predictions"
 CHECKPOINT = "checkpoint"
 CANDIDATES = "candidates"
 SELECTION = "selection.json"
+# a pretraining run's files (flip.io.atomic_dir may replace an unmarked folder holding only these)
+PRETRAIN_LAYOUT = (CONFIG, INFO, METRICS, LOG, WEIGHTS, PREDICTIONS, CHECKPOINT, "id_model.safetensors",
+                   "heads.safetensors", "plm", "dataset_meta.json", "losses.json", "vocab.parquet")
 
 __all__ = ["RunDir", "RunLog"]
 

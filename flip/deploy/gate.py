@@ -143,7 +143,9 @@ def gate(challenger: Path, champion: Path | None, data_dir: Path, rule: RetrainC
                        "labels of the new data")
     if champion is not None:
         name = champion_version or str(champion)
-        train_range = read_json(Path(champion) / "model.json").get("train_time_range")
+        from flip.deploy.package import read_bundle_info
+
+        train_range = read_bundle_info(Path(champion)).get("train_time_range")  # (checked: a broken bundle is refused)
         result["champion"] = {"path": str(champion), "version": champion_version, "md5": dir_md5(champion),
                               "train_time_range": train_range}
         why = overlap_reason(window, train_range, name)

@@ -12,7 +12,7 @@ from typing import Any
 
 from flip.config import Config
 from flip.io import atomic_dir, write_json
-from flip.runs import RunDir
+from flip.runs import PRETRAIN_LAYOUT, RunDir
 
 OBJECTIVES = ("mlm", "mtm", "icl")
 
@@ -45,9 +45,7 @@ def save_unaligned(cfg: Config, dataset_dir: Path, out: Path) -> dict[str, Any]:
     plm, _ = load_plm(cfg.plm)
     print("[pretrain] every objective has weight 0 (the paper's w/o MLM&MTM&ICL): nothing to align; "
           "writing the initial ID model and the language model as loaded", flush=True)
-    with atomic_dir(out, "pretrain", ("id_model.safetensors", "heads.safetensors", "model.safetensors", "plm",
-                                      "config.json", "dataset_meta.json", "losses.json", "metrics.json", "run.json",
-                                      "log.jsonl", "vocab.parquet", "checkpoint", "predictions")) as tmp:
+    with atomic_dir(out, "pretrain", PRETRAIN_LAYOUT) as tmp:
         run = RunDir(tmp)  # the whole directory appears at once, metrics.json in it
         save_file({k: v.detach().contiguous().clone() for k, v in id_model.state_dict().items()},
                   str(tmp / "id_model.safetensors"))

@@ -19,14 +19,13 @@ from typer.testing import CliRunner
 
 from flip.cli import app
 from flip.deploy.predict import predict
-from test_deploy import served  # noqa: F401 - the bundle fixture, reused
 
 runner = CliRunner()
 ROWS = 40
 
 
 @pytest.fixture(scope="module")
-def base(served):  # noqa: F811
+def base(served):  # the bundle fixture of tests/deploy/conftest.py
     """The first test rows (fields + label) and their probabilities scored plainly."""
     rows = served["test"].slice(0, ROWS).to_pandas()
     path = served["root"] / "base.parquet"
