@@ -11,7 +11,10 @@ downloads of a ``plm.name`` hub id).
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 OPT_OUTS: dict[str, str] = {
     "DVC_NO_ANALYTICS": "1",  # DVC
@@ -38,3 +41,15 @@ def apply() -> None:
     and the flows' entry points, never at import."""
     for key, value in OPT_OUTS.items():
         os.environ.setdefault(key, value)
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (``dvc``, ``flip``, ``gto``): the one beside this Python
+    first, as a worker's PATH may not include the virtual environment, else PATH's."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def dvc_executable() -> str:
+    """The dvc executable of this environment."""
+    return executable("dvc")

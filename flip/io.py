@@ -72,8 +72,10 @@ class OutputInUse(FlipError):
 
 
 def crash_point(name: str) -> None:
-    """Test hook: kill this process (SIGKILL, no clean-up) when ``FLIP_CRASH_AT`` is ``name``."""
-    if os.environ.get(CRASH_ENV) == name:
+    """Test hook: die here, as a kill -9 or a power cut would (SIGKILL: no clean-up, no ``finally``),
+    when ``FLIP_CRASH_AT`` names this point (one name, or several separated by commas). The one crash
+    hook of the project: the atomic swap here, the promotion steps in :mod:`flip.deploy.registry`."""
+    if name in os.environ.get(CRASH_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

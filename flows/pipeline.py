@@ -23,7 +23,8 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flip.deploy.registry import dvc_executable
+from flip.environment import apply as quiet_tools
+from flip.environment import dvc_executable, executable, tool_env
 
 # dvc.yaml's stages, grouped by the flow that runs them (in this order). ``finetune`` is the
 # foreach group (finetune@flip_id, finetune@flip_plm, finetune@flip); tests check that every stage
@@ -59,9 +60,9 @@ NOISE = ("To track the changes with git", "git add ", "To enable auto staging", 
 
 def _env() -> dict[str, str]:
     # the stages call `flip`: make this environment's scripts findable (a worker's PATH may lack them);
-    # no progress bars (a log gets one line per epoch from the stages instead)
+    # no progress bars (a log gets one line per epoch from the stages instead); telemetry off
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return tool_env(PATH=path, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
 
 
 def stream(cmd: list[str], cwd: str, logger: Any) -> tuple[int, list[str]]:
@@ -184,7 +185,7 @@ def gate_artifact(project: str, artifact: str) -> dict[str, Any]:
     logger = get_run_logger()
     out = Path(project) / "reports" / "gate" / f"{artifact}.json"
     out.unlink(missing_ok=True)  # never promote on an older run's decision
-    code, lines = stream([str(Path(sys.executable).parent / "flip"), "gate", "--artifact", artifact], project, logger)
+    code, lines = stream([executable("flip"), "gate", "--artifact", artifact], project, logger)
     if code != 0:
         raise RuntimeError(f"flip gate --artifact {artifact} failed (exit {code}): " + "\n".join(lines[-10:]))
     return json.loads(out.read_text())
@@ -313,8 +314,21 @@ def _retrain_locked(project: str, pull_new_data: bool):
         print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2, default=str))
         return Completed(message=message, data=result) if ok else Failed(name=status, message=message, data=result)
 
+    # a promotion that an earlier run left half done (killed between its commit, tag and assignment)
+    # is finished or rolled back before anything else reads the registry
+    from flip.deploy.registry import recover
+
+    try:
+        result["recovered"] = recover(root, log=logger.info)
+    except FlipError as exc:
+        return finish("RegistryError", f"error: an interrupted promotion could not be recovered: {exc}", False)
+
     result["outputs"].update(prepare_data(project, pull_new_data))
-    champions = {a: in_stage(root, a, rc.stage) for a in rc.artifacts}
+    try:  # a registry that cannot be read fails the run: it never means "no champion"
+        champions = {a: in_stage(root, a, rc.stage) for a in rc.artifacts}
+    except FlipError as exc:
+        return finish("RegistryError", f"error: the registry cannot be read, nothing trained or promoted: {exc}",
+                      False)
     data_path = cfg.data.processed_path.as_posix()
     if all(champions.values()) and all(
             lock_hash(root, data_path) == lock_hash(root, data_path, rev=c["commit"]) for c in champions.values()):
@@ -338,12 +352,8 @@ def _retrain_locked(project: str, pull_new_data: bool):
     result["outputs"].update(finetune(project))
     result["outputs"].update(evaluate(project))
 
-    # the gate and the promotion: a crashed earlier promotion is finished (or rolled back) first; a gate
-    # that cannot decide, or a promotion that refuses, ends the run Failed
-    from flip.deploy.registry import recover
-
+    # the gate and the promotion: a gate that cannot decide, or a promotion that refuses, ends the run Failed
     try:
-        result["recovered"] = recover(root, log=logger.info)
         for artifact in rc.artifacts:
             artifact_path(root, artifact)  # declared in dvc.yaml
     except FlipError as exc:
@@ -377,6 +387,7 @@ def main(argv: list[str]) -> int:
     The flows other than ``retrain`` (which locks itself) hold the project's retrain lock too."""
     from flip.deploy.lock import LockHeld, acquire
 
+    quiet_tools()  # telemetry off (flip.environment) before Prefect starts its (ephemeral) server
     flows = {"retrain": retrain, "prepare-data": prepare_data, "pretrain": pretrain, "finetune": finetune,
              "evaluate": evaluate}
     name = argv[0] if argv else "retrain"

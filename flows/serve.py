@@ -54,6 +54,9 @@ def deployment(params: str | Path = PROJECT / "params.yaml", project: str | Path
 
 
 def main() -> None:  # pragma: no cover - long-running
+    from flip.environment import apply
+
+    apply()  # telemetry off and models offline (flip.environment) for the runs this process starts
     # Harmless prefect 3.8.8 shutdown warning: on SIGTERM (e.g. `docker stop`, a process manager)
     # Runner.handle_sigterm calls the sync/async-dispatching `stop()` inside the event loop, which
     # creates `astop()` without awaiting it, then exits; the runner still shuts down cleanly.

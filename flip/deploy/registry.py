@@ -56,8 +56,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -67,8 +65,9 @@ from typing import Any
 
 import yaml
 
+from flip.environment import dvc_executable, tool_env
 from flip.errors import FlipError
-from flip.io import file_sha256, read_json, write_json
+from flip.io import crash_point, file_sha256, read_json, write_json
 
 # the pipeline's own git-tracked files: a promotion commits these and only these
 PIPELINE_FILES = ("dvc.lock", "reports/metrics.json", "reports/plots")
@@ -82,26 +81,9 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def crash_point(name: str) -> None:
-    """Test hook: die here, as a kill -9 or a power cut would (no cleanup, no finally), when
-    ``FLIP_CRASH_AT`` names this point (comma-separated list)."""
-    if name in os.environ.get("FLIP_CRASH_AT", "").split(","):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def dvc_executable() -> str:
-    """The dvc executable of this environment (a worker's PATH may not include the venv)."""
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "DVC_NO_ANALYTICS": "1"}
-
-
 def _run(project: Path, *cmd: str) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(list(cmd), cwd=project, capture_output=True, text=True, env=_env())
+        return subprocess.run(list(cmd), cwd=project, capture_output=True, text=True, env=tool_env())
     except OSError as exc:  # no git / dvc on PATH
         raise FlipError(f"cannot run {cmd[0]} in {project}: {exc}. Fix: install it or put it on PATH.") from None
 
@@ -580,7 +562,7 @@ def fetch(project: Path, artifact: str, out: Path, *, version: str = "", stage: 
     """``dvc artifacts get`` the bundle of ``version`` or ``stage`` into ``out``."""
     ref = ["--rev", version] if version else ["--stage", stage]
     cmd = [dvc_executable(), "artifacts", "get", str(Path(project).resolve()), artifact, *ref, "-o", str(out), "--force"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, env=tool_env())
     if done.returncode != 0:
         raise FlipError(f"cannot fetch {artifact} {version or stage} from {project}: "
                         f"{(done.stderr or done.stdout).strip()[-500:]}")

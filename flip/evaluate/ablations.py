@@ -42,7 +42,7 @@ def overrides(row: str) -> list[str]:
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    from flip.deploy.registry import dvc_executable
+    from flip.environment import dvc_executable
 
     done = subprocess.run([dvc_executable(), *args], cwd=repo, capture_output=True, text=True)
     if done.returncode:

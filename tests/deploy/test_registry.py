@@ -284,7 +284,7 @@ def test_a_damaged_registry_raises(repo, damage):
 
 
 def test_crash_point_kills_only_when_named():
-    code = "from flip.deploy.registry import crash_point; crash_point('a'); print('alive')"
+    code = "from flip.io import crash_point; crash_point('a'); print('alive')"
     alive = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**env(), "FLIP_CRASH_AT": "b,c"})
     assert alive.returncode == 0 and alive.stdout.strip() == "alive"
