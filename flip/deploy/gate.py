@@ -115,7 +115,7 @@ def gate(challenger: Path, champion: Path | None, data_dir: Path, rule: RetrainC
     """Score both bundles on the newest window of ``data_dir``, compare them, decide; write ``out`` (JSON).
     ``challenger.md5`` is the bundle's DVC hash, taken before scoring (what a promotion must register)."""
     from flip.deploy.registry import dir_md5
-    from flip.evaluate.metrics import auc, logloss
+    from flip.metrics import auc, logloss
     from flip.evaluate.significance import paired_delta
 
     meta = read_json(Path(data_dir) / "meta.json")

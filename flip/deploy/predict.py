@@ -44,12 +44,6 @@ class ScoredBatch:
     oov: np.ndarray  # (F,) rows of this batch whose value of field k was unseen in training
 
 
-def _key(column: str) -> str:
-    from flip.data.sources.csv import _key as key
-
-    return key(column)
-
-
 def _reader(paths: list[Path]) -> str:
     """The table function reading ``paths`` (each path a quoted SQL literal: a view cannot hold parameters)."""
     from flip.data.sql import sql_str
@@ -75,6 +69,7 @@ def _table_rows(con: Any, bundle: Bundle, relation: str, where: str, id_column: 
     Python: neither a column name of the input, nor ``--id-column``, nor a field name of the bundle
     ever becomes SQL."""
     from flip.data.sources.base import clean_text
+    from flip.data.sources.csv import field_key
     from flip.data.sql import positional
 
     try:
@@ -89,7 +84,7 @@ def _table_rows(con: Any, bundle: Bundle, relation: str, where: str, id_column: 
     shown = ", ".join(repr(c) for c in columns)
     chosen = []
     for f in bundle.fields:
-        match = [j for j, c in enumerate(columns) if c == f["name"] or c == f["title"] or _key(c) == f["name"]]
+        match = [j for j, c in enumerate(columns) if c == f["name"] or c == f["title"] or field_key(c) == f["name"]]
         if not match:
             raise DataError(f"no column for the model's field {f['name']!r} ({f['title']!r})", file=where,
                             column=f["name"], fix=f"give a column per field: "
@@ -292,7 +287,7 @@ def predict(model: Path, inputs: list[Path], out: Path, *, batch_rows: int = 819
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from flip.evaluate.metrics import auc, logloss
+    from flip.metrics import auc, logloss
 
     bundle = load_bundle(model)
     out = Path(out)

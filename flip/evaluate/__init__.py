@@ -1,6 +1,3 @@
-"""Evaluation of CTR predictions: ranking and probability metrics (``metrics``); calibration, cold-start
-and monitoring live in their own modules."""
-
-from flip.evaluate.metrics import auc, logloss
-
-__all__ = ["auc", "logloss"]
+"""Evaluation of finetuned runs: calibration, cold start, drift monitoring (Evidently), DeLong's paired
+test, the alignment analysis, the Table 5 ablations and the report. The metrics themselves (AUC, log
+loss) live below both training and evaluation, in :mod:`flip.metrics`."""

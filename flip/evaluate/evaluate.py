@@ -104,7 +104,7 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
 
     from flip.evaluate.calibration import calibration
     from flip.evaluate.coldstart import auc_by_frequency
-    from flip.evaluate.metrics import auc, logloss
+    from flip.metrics import auc, logloss
     from flip.evaluate.monitoring import prediction_drift
     from flip.evaluate.significance import paired_delta
 

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip.evaluate.metrics import auc as auc_score
-from flip.evaluate.metrics import logloss as logloss_score
+from flip.metrics import auc as auc_score
+from flip.metrics import logloss as logloss_score
 from flip.progress import note, progress
 from flip.runs import RunDir, RunLog
 from flip.train.callbacks import (Callback, Checkpointer, EarlyStopping, EpochLog, SimulatedCrash, StepLog,

@@ -10,11 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flip.align.model import OBJECTIVES
 from flip.config import Config
 from flip.io import atomic_dir, write_json
 from flip.runs import PRETRAIN_LAYOUT, RunDir
-
-OBJECTIVES = ("mlm", "mtm", "icl")
 
 
 def nothing_to_align(cfg: Config) -> bool:

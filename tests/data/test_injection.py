@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from flip.cli import app
 from flip.data.preprocess import split_values
-from flip.data.sources.csv import _key
+from flip.data.sources.csv import field_key
 from flip.data.sql import check_rule, locked_connection, quote_ident, sql_str
 from flip.errors import SettingError
 from flip.io import read_json
@@ -98,8 +98,8 @@ def test_header_cell_that_closes_the_quoted_name_is_only_a_name(tmp_path):
     assert not target.exists()
     values = values_by_field(out)
     rows = rows_for()
-    assert list(values) == ["user", _key(evil), _key(genre)]
-    assert values[_key(evil)] == [r[1] for r in rows] and values[_key(genre)] == [r[2] for r in rows]
+    assert list(values) == ["user", field_key(evil), field_key(genre)]
+    assert values[field_key(evil)] == [r[1] for r in rows] and values[field_key(genre)] == [r[2] for r in rows]
     assert [f["title"] for f in read_json(out / "meta.json")["fields"]] == ["Field 0", "Field 1", "Field 2"]
 
 
@@ -153,7 +153,7 @@ def test_parquet_column_names_with_quotes_are_names(tmp_path):
     result, out = run_preprocess(tmp_path, [tmp_path / "log.parquet"], ["user", "item", evil], "clicked")
     assert result.exit_code == 0, result.output
     assert not target.exists()
-    assert values_by_field(out)[_key(evil)] == [r[2] for r in rows]
+    assert values_by_field(out)[field_key(evil)] == [r[2] for r in rows]
 
 
 def test_a_latin1_log_is_transcoded_inside_the_locked_connections_folders(tmp_path):
@@ -348,9 +348,9 @@ def test_random_header_cells_load_under_their_names_or_fail_in_one_paragraph(tmp
         if result.exit_code == 0:
             loaded += 1
             values = values_by_field(out)
-            assert list(values) == [_key(n) for n in wanted[:3]], (case, names)
+            assert list(values) == [field_key(n) for n in wanted[:3]], (case, names)
             for k in range(3):
-                assert values[_key(wanted[k])] == [r[k] for r in rows], (case, names, k)
+                assert values[field_key(wanted[k])] == [r[k] for r in rows], (case, names, k)
         else:
             failed += 1
             assert_one_paragraph_failure(result, out)

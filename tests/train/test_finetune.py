@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flip.evaluate import auc, logloss
+from flip.metrics import auc, logloss
 from flip.io import read_json
 from flip.runs import RunDir
 from flip.train import SimulatedCrash, crash_after, finetune, load_ctr_data

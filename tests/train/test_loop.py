@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from flip.evaluate import auc
+from flip.metrics import auc
 from flip.io import read_json
 from flip.train.identity import config_fingerprint
 from flip.train.loop import EvalSet, LoopSettings, Task, fit

@@ -1,4 +1,4 @@
-"""flip.evaluate.metrics: AUC and log loss agree with scikit-learn and with hand computation."""
+"""flip.metrics: AUC and log loss agree with scikit-learn and with hand computation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from flip.evaluate import auc, logloss
+from flip.metrics import auc, logloss
 
 
 def test_auc_by_hand():
@@ -57,7 +57,7 @@ def test_length_mismatch_raises():
 
 
 def test_numpy_metric_fallbacks_match_sklearn():
-    from flip.evaluate import metrics
+    from flip import metrics
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 5000).astype(np.float64)

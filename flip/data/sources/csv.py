@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 RESERVED_KEYS = ("row", "timestamp", "label", "text", "span_start", "span_end")
 
 
-def _key(column: str) -> str:
+def field_key(column: str) -> str:
     """The field name of a user's column: lower-case letters, digits and ``_`` ("User ID" -> user_id); a
     name the processed splits use for their own columns (row, label, ...) gets ``_field`` appended."""
     key = re.sub(r"[^0-9a-zA-Z]+", "_", column).strip("_").lower() or "field"
@@ -68,11 +68,11 @@ def info(cfg: "Config") -> SourceInfo:
     c = cfg.data.csv
     if not c.fields:
         raise FlipError("data.csv.fields is empty: list the feature columns with human-readable names")
-    fields = [Field(_key(f.column), f.name) for f in c.fields]
+    fields = [Field(field_key(f.column), f.name) for f in c.fields]
     keys = [f.key for f in fields]
     if len(set(keys)) != len(keys):
         raise FlipError(f"data.csv.fields: two columns map to the same field name ({keys})")
-    by_column = {f.column: _key(f.column) for f in c.fields}
+    by_column = {f.column: field_key(f.column) for f in c.fields}
     return SourceInfo(
         name="csv", directory="csv", fields=fields, files=[], user_field=by_column.get(c.user, ""),
         item_field=by_column.get(c.item, ""),
