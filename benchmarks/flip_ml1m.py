@@ -39,7 +39,7 @@ output), else the MovieLens-1M copy in ``FLIP_DATA_MIRROR`` or ``../shared/data`
 ``ml-1m/ratings.dat``...) is preprocessed into the work directory (that step needs DuckDB; with
 ``--data`` or an existing processed directory only torch + transformers + pyarrow (+ numpy, PyYAML,
 tqdm, safetensors) are needed, so a profile runs on a bare GPU machine; without scikit-learn the
-metrics use the numpy fallback of ``flip.evaluate.metrics``). A machine without internet needs a
+metrics use the numpy fallback of ``flip.metrics``). A machine without internet needs a
 local directory for the language model (``--plm DIR``).
 
 The GPU check (``benchmarks/gpu_check.sh``, ``benchmarks/gpu_check.py``) uses these functions with

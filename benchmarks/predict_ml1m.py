@@ -39,7 +39,7 @@ from common import save  # noqa: E402
 
 from flip.data.preprocess import split_values  # noqa: E402
 from flip.deploy.package import load_bundle  # noqa: E402
-from flip.evaluate.metrics import auc  # noqa: E402
+from flip.metrics import auc  # noqa: E402
 from flip.runs import RunDir  # noqa: E402
 
 FLIP = str(Path(sys.executable).parent / "flip")

@@ -142,7 +142,7 @@ def test_dependency_scan_finds_lazy_imports():
     """The scan follows imports inside functions (the CLI's own, the strategies' registry) and imports by
     a computed name (the dataset sources)."""
     files = imported_files("finetune")
-    assert {"flip/train/finetune.py", "flip/evaluate/metrics.py", "flip/data/tensors.py"} <= files
+    assert {"flip/train/finetune.py", "flip/metrics.py", "flip/data/tensors.py"} <= files
     assert "flip/train/pretrain.py" not in imported_files("drift")
     assert {"flip/data/sources/synthetic.py", "flip/data/sources/csv.py"} <= imported_files("preprocess")
 

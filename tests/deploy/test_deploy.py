@@ -21,7 +21,7 @@ from flip.config import RetrainConfig
 from flip.deploy.gate import decide
 from flip.deploy.package import load_bundle
 from flip.deploy.predict import predict
-from flip.evaluate.metrics import auc
+from flip.metrics import auc
 
 FLIP = str(Path(sys.executable).parent / "flip")
 
