@@ -86,8 +86,8 @@ SPLITS = ("train", "valid", "test")
 # the whole MovieLens-1M file, split as flip preprocess does (10% test, 1/9 of the rest validation)
 FULL_ML1M_TRAIN_ROWS = 665_110 - 665_110 // 9
 DRY_ROWS = {"train": 400, "valid": 100, "test": 100}
-DRY_OVERRIDES = ["run.device=cpu", "run.threads=1", "pretrain.batch_size=8", "finetune.batch_size=32", "finetune.plm_batch_size=16",
-                 "finetune.eval_batch_size=64"]
+DRY_OVERRIDES = ["run.device=cpu", "run.threads=1", "pretrain.batch_size=8", "finetune.batch_size=32",
+                 "finetune.plm_batch_size=16", "finetune.eval_batch_size=64"]
 
 
 def log(msg: str) -> None:
@@ -391,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
     plm_strategies = [s for s in strategies if STRATEGIES[s].uses_plm]
     report = Report(json_path, {
         "what": "GPU check: FLIP paper profile (profiles/paper.txt) on the MovieLens-1M copy with a pretraining "
-                "schedule sized from the measured throughput to fit the time budget" + (" [DRY RUN on CPU]" if args.dry_run else ""),
+                "schedule sized from the measured throughput to fit the time budget"
+                + (" [DRY RUN on CPU]" if args.dry_run else ""),
         "dry_run": bool(args.dry_run), "budget_seconds": budget, "plm_note": PLM_NOTE,
         "environment": env, "device": info, "bundle": {k: manifest[k] for k in ("created", "repo_commit", "repo_dirty",
                                                                                  "dataset", "plm", "dry_run")},

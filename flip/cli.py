@@ -223,7 +223,8 @@ def drift(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out
 def package(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
             run: Annotated[Path, typer.Option(help="finetuning run directory (its best-validation seed is packaged)")] = Path(
                 "models/full/flip_id"),
-            pretrained: Annotated[Optional[Path], typer.Option(help="pretraining run (for models with a language model)")] = None):
+            pretrained: Annotated[Optional[Path], typer.Option(
+                help="pretraining run (for models with a language model)")] = None):
     """Bundle a finetuned model for serving: weights, vocabularies, model.json (+ TorchScript for ID models)."""
     from flip.deploy.package import package as run_package
 

@@ -4,8 +4,9 @@ One dataclass per section of ``params.yaml``. ``load_config(path, overrides)`` r
 applies overrides spelt exactly as ``dvc exp run -S`` spells them (``finetune.lr=1e-3``,
 ``run.seeds=[1,2,3]``), and checks every key against the dataclasses, so a typo fails loudly
 instead of being ignored. The defaults are ``params.yaml``'s (the quick profile; a test checks that
-``Config()`` equals it); the paper's settings are the overrides in ``profiles/paper.txt``. Only the standard library and PyYAML are used: this module must import
-on a bare GPU machine that has torch + transformers + pyarrow only.
+``Config()`` equals it); the paper's settings are the overrides in ``profiles/paper.txt``. Only the
+standard library and PyYAML are used: this module must import on a bare GPU machine that has
+torch + transformers + pyarrow only.
 """
 
 from __future__ import annotations

@@ -37,11 +37,12 @@ MTM, Eq. 7-10 (``MtmObjective``)
 ICL, Eq. 11 (``IclObjective``)
     z_text = W_t [CLS], z_tab = W_v v (two linear layers to ``projection_dim``, as in the paper;
     ``head="clip"`` gives the authors' residual MLP heads ending in a LayerNorm). Symmetric
-    InfoNCE at temperature τ with dot-product similarity (paper) or cosine (option). Under ``torch.distributed`` the negatives are gathered
-    from all ranks with an autograd all-gather (``_gather_keep_local``): every rank's block carries
-    its gradient back to its rank (the authors' code and open_clip's default keep only the local
-    block's); with each rank's loss scaled by ``world · n_local / n_global`` and DDP's gradient
-    average, N ranks compute the gradient of one process on the global batch.
+    InfoNCE at temperature τ with dot-product similarity (paper) or cosine (option). Under
+    ``torch.distributed`` the negatives are gathered from all ranks with an autograd all-gather
+    (``_gather_keep_local``): every rank's block carries its gradient back to its rank (the
+    authors' code and open_clip's default keep only the local block's); with each rank's loss
+    scaled by ``world · n_local / n_global`` and DDP's gradient average, N ranks compute the
+    gradient of one process on the global batch.
 
 "w/o joint reconstruction" (``joint=False``): MLM predicts the masked tokens from ŵ alone (the
 head's v input is removed) and MTM reconstructs from v̂ alone (no cross-attention; the field

@@ -51,7 +51,8 @@ def _validation_rows(docs: Path, status: dict[str, str]) -> str:
         icon = {"passed": '<i class="fas fa-check-circle text-success"></i> passed',
                 "failed": '<i class="fas fa-times text-danger"></i> failed',
                 "warning": '<i class="fas fa-exclamation-triangle text-warning"></i> warning'}.get(status.get(suite), "")
-        rows.append(f'<tr><td>{icon}</td><td>{html.escape(run_time)}</td><td><a href="{html.escape(page.relative_to(docs).as_posix())}">'
+        href = html.escape(page.relative_to(docs).as_posix())
+        rows.append(f'<tr><td>{icon}</td><td>{html.escape(run_time)}</td><td><a href="{href}">'
                     f"{html.escape(suite)}</a></td><td>{html.escape(page.stem)}</td></tr>")
     return ('<table class="ge-offline-validations"><tr><th>status</th><th>run time</th><th>expectation suite</th>'
             "<th>batch</th></tr>" + "".join(rows) + "</table>")

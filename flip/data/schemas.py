@@ -264,11 +264,11 @@ def validate_processed(dataset_dir: Path | str, meta: dict[str, Any]) -> dict[st
         bounds[split] = (first_row, last_row, first_ts, last_ts)
         summary["splits"][split] = {"rows": rows, "first_row": first_row, "last_row": last_row}
     for earlier, later in (("train", "valid"), ("valid", "test")):
-        e, l = bounds[earlier], bounds[later]
-        if not e[1] < l[0]:
+        before, after = bounds[earlier], bounds[later]
+        if not before[1] < after[0]:
             raise DataError(f"rows of {earlier} and {later} overlap (leakage)", file=str(dataset_dir),
                             fix="re-run `flip preprocess`")
-        if not e[3] <= l[2]:
+        if not before[3] <= after[2]:
             raise DataError(f"{later} starts before {earlier} ends in time (leakage)", file=str(dataset_dir),
                             fix="re-run `flip preprocess`")
     summary["success"] = True

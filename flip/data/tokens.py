@@ -83,7 +83,8 @@ class TokenizedSplit:
         """(N, F) bool: the field's value is fully present in the tokens (maskable)."""
         return self.field_tok_end > self.field_tok_start
 
-    def batch(self, idx: torch.Tensor | slice, device: torch.device | str | None = None, trim: bool = True) -> dict[str, torch.Tensor]:
+    def batch(self, idx: torch.Tensor | slice, device: torch.device | str | None = None,
+              trim: bool = True) -> dict[str, torch.Tensor]:
         """Rows ``idx`` as int64 tensors (``input_ids``, ``attention_mask``, ``field_tok_start``,
         ``field_tok_end``); with ``trim`` the trailing all-padding columns are cut off."""
         ids = self.input_ids[idx]

@@ -36,7 +36,6 @@ class NoIclHeads(FlipError):
 
 def _load_pretrained(pretrained: Path, dataset_dir: Path):
     """Rebuild the pretraining module of a run directory and load its full weights."""
-    import torch
     from safetensors.torch import load_file
 
     from flip.align.model import FlipPretrainModel, load_feature_counts
@@ -100,7 +99,8 @@ def _field_similarity(cfg: Any, meta: dict[str, Any], model: Any, tokenizer: Any
         chosen = torch.zeros(len(x), F, dtype=torch.bool)
         chosen[:, f] = True
         masked, _ = mask_text(ids, start, end, chosen, model.plm.mask_token_id)
-        z_text.append(torch.nn.functional.normalize(model.icl.text_proj(model.plm.sentence(model.plm(masked, attn), attn)), dim=-1))
+        sentence = model.plm.sentence(model.plm(masked, attn), attn)
+        z_text.append(torch.nn.functional.normalize(model.icl.text_proj(sentence), dim=-1))
         v_hat = model.id_model.encode(mask_tabular(x, chosen, model.mask_id))
         z_tab.append(torch.nn.functional.normalize(model.icl.tab_proj(v_hat), dim=-1))
     sim = torch.stack([torch.stack([(zt * zb).sum(-1).mean() for zb in z_tab]) for zt in z_text])  # (F, F)

@@ -37,7 +37,8 @@ class AFN(IdModel):
     ) -> int:
         self.log_transform = LogTransform(self.num_fields, afn_log_neurons)
         self.dnn = MLP(afn_log_neurons * self.embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
-        self.ensemble = MLP(self.num_fields * self.embedding_dim, list(dnn_hidden_units), dropout, batch_norm) if afn_ensemble_dnn else None
+        self.ensemble = (MLP(self.num_fields * self.embedding_dim, list(dnn_hidden_units), dropout, batch_norm)
+                         if afn_ensemble_dnn else None)
         return self.dnn.output_dim + (self.ensemble.output_dim if self.ensemble is not None else 0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

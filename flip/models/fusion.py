@@ -41,7 +41,8 @@ class FlipModel(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         logit_id = self.id_model(x).float()  # (B,)
-        logit_plm = self.plm_head(self.plm.sentence(self.plm(input_ids, attention_mask), attention_mask)).squeeze(-1).float()  # (B,)
+        sentence = self.plm.sentence(self.plm(input_ids, attention_mask), attention_mask)
+        logit_plm = self.plm_head(sentence).squeeze(-1).float()  # (B,)
         alpha = self.alpha.float()
         joint = alpha * logit_id + (1.0 - alpha) * logit_plm  # (B,)
         return joint, logit_id, logit_plm

@@ -274,24 +274,24 @@ class CrossNetMix(nn.Module):
         self.gate = nn.Parameter(torch.empty(E, D))
         # FuxiCTR: xavier-normal on each layer's (E, D, r) / (E, r, r) tensor; each expert's gate
         # is an nn.Linear(D, 1, bias=False) -> xavier-normal with fan_in=D, fan_out=1.
-        for l in range(L):
-            nn.init.xavier_normal_(self.U.data[l])
-            nn.init.xavier_normal_(self.V.data[l])
-            nn.init.xavier_normal_(self.C.data[l])
+        for layer in range(L):
+            nn.init.xavier_normal_(self.U.data[layer])
+            nn.init.xavier_normal_(self.V.data[layer])
+            nn.init.xavier_normal_(self.C.data[layer])
         nn.init.normal_(self.gate, std=math.sqrt(2.0 / (D + 1)))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         B = x0.shape[0]
         E, r = self.num_experts, self.low_rank
         x = x0
-        for l in range(self.U.shape[0]):
+        for layer in range(self.U.shape[0]):
             g = torch.softmax(F.linear(x, self.gate), dim=1)  # (B, E)
-            V = self.V[l].permute(1, 0, 2).reshape(-1, E * r)  # (D, E*r): all experts side by side
+            V = self.V[layer].permute(1, 0, 2).reshape(-1, E * r)  # (D, E*r): all experts side by side
             v = torch.tanh(x @ V).view(B, E, r).transpose(0, 1)  # (E, B, r)
-            v = torch.tanh(torch.bmm(v, self.C[l].transpose(1, 2)))  # (E, B, r): v <- C_e v
+            v = torch.tanh(torch.bmm(v, self.C[layer].transpose(1, 2)))  # (E, B, r): v <- C_e v
             v = v * g.t().unsqueeze(2)  # (E, B, r): weight each expert by its gate
-            U = self.U[l].permute(0, 2, 1).reshape(E * r, -1)  # (E*r, D)
-            uv = torch.addmm(self.b[l], v.transpose(0, 1).reshape(B, E * r), U)  # (B, D)
+            U = self.U[layer].permute(0, 2, 1).reshape(E * r, -1)  # (E*r, D)
+            uv = torch.addmm(self.b[layer], v.transpose(0, 1).reshape(B, E * r), U)  # (B, D)
             x = torch.addcmul(x, x0, uv)  # x_l + x_0 * (sum_e g_e U_e v_e + b_l)
         return x
 

@@ -32,7 +32,6 @@ lazily, when the alias is resolved.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import os
 from pathlib import Path
 from typing import Any
@@ -65,10 +64,6 @@ def resolve_plm_name(name: str) -> str:
     if os.path.isdir(expanded):
         return str(Path(expanded).resolve())
     return key
-
-
-if TYPE_CHECKING:
-    from flip.config import IdModelConfig
 
 
 class PlmEncoder(nn.Module):

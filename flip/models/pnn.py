@@ -35,7 +35,8 @@ class PNN(IdModel):
             self.product = OuterProduct(self.embedding_dim)
         else:
             raise ValueError(f"product_type must be 'inner' or 'outer', got {product_type!r}")
-        self.dnn = MLP(self.num_fields * self.embedding_dim + self.product.output_dim, list(dnn_hidden_units), dropout, batch_norm)
+        in_dim = self.num_fields * self.embedding_dim + self.product.output_dim
+        self.dnn = MLP(in_dim, list(dnn_hidden_units), dropout, batch_norm)
         return self.dnn.output_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

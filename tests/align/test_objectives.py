@@ -137,10 +137,10 @@ def test_cross_attention_with_padding_by_hand():
     for b in range(2):
         q = [sum(v_hat[b, i].item() * Q[i, d].item() for i in range(2)) for d in range(3)]
         n = int(mask[b].sum())
-        s = [sum(q[d] * w[b, l, d].item() for d in range(3)) / math.sqrt(3) for l in range(n)]
+        s = [sum(q[d] * w[b, j, d].item() for d in range(3)) / math.sqrt(3) for j in range(n)]
         z = logsumexp(s)
         a = [math.exp(x - z) for x in s]
-        expect = [sum(a[l] * w[b, l, d].item() for l in range(n)) for d in range(3)]
+        expect = [sum(a[j] * w[b, j, d].item() for j in range(n)) for d in range(3)]
         assert u[b].tolist() == pytest.approx(expect, abs=1e-5)
         assert weights[b, :n].tolist() == pytest.approx(a, abs=1e-6)
         assert (weights[b, n:] == 0).all()
@@ -162,7 +162,8 @@ def test_field_heads_match_independent_mlps():
 
 
 # ======================================================================================== MTM
-COUNTS = torch.tensor([0.0, 0.0, 3.0, 1.0, 2.0, 2.0], dtype=torch.float64)  # ids 0 pad, 1 mask; field 0 = {2, 3}, field 1 = {4, 5}
+# ids 0 pad, 1 mask; field 0 = {2, 3}, field 1 = {4, 5}
+COUNTS = torch.tensor([0.0, 0.0, 3.0, 1.0, 2.0, 2.0], dtype=torch.float64)
 RANGES = [(2, 2), (4, 2)]
 
 

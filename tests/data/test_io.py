@@ -48,7 +48,7 @@ def test_a_folder_with_other_files_is_refused_and_kept(tmp_path):
     (out / "metrics.json").write_text("{}")
     (out / "plots").mkdir()
     with pytest.raises(OutputInUse) as err:
-        with atomic_dir(out, "drift", ("drift.json",)) as d:
+        with atomic_dir(out, "drift", ("drift.json",)):
             raise AssertionError("the body must not run")
     text = str(err.value)
     assert "choose an empty or new folder" in text and "flip drift did not write: metrics.json, plots" in text

@@ -21,7 +21,6 @@ from flip.config import RetrainConfig
 from flip.deploy.gate import decide
 from flip.deploy.package import load_bundle
 from flip.deploy.predict import predict
-from flip.metrics import auc
 
 FLIP = str(Path(sys.executable).parent / "flip")
 

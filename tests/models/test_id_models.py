@@ -254,13 +254,13 @@ def test_cross_net_mix_matches_per_expert_reference():
     V, C, U = layer.V, layer.C, layer.U  # FuxiCTR's layout: U, V (L, E, D, r), C (L, E, r, r)
     x0 = torch.randn(6, D)
     x = x0
-    for l in range(L):
+    for i in range(L):
         outs, gates = [], []
         for e in range(E):
             gates.append(x @ layer.gate[e])  # (B,)
-            v = torch.tanh(x @ V[l, e])  # (B, r)
-            v = torch.tanh(v @ C[l, e].t())
-            outs.append(x0 * (v @ U[l, e].t() + layer.b[l]))  # (B, D)
+            v = torch.tanh(x @ V[i, e])  # (B, r)
+            v = torch.tanh(v @ C[i, e].t())
+            outs.append(x0 * (v @ U[i, e].t() + layer.b[i]))  # (B, D)
         g = torch.softmax(torch.stack(gates, 1), dim=1)  # (B, E)
         x = (torch.stack(outs, 2) * g.unsqueeze(1)).sum(2) + x
     torch.testing.assert_close(layer(x0), x)

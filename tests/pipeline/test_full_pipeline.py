@@ -4,7 +4,6 @@ then an ablation as a DVC experiment: only the stages that depend on the changed
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import make_tiny_bert

@@ -25,8 +25,6 @@ from flip.errors import DataError
 if TYPE_CHECKING:  # pragma: no cover
     import duckdb
 
-    from flip.config import Config
-
 
 @dataclass(frozen=True)
 class Field:

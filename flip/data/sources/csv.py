@@ -176,7 +176,7 @@ def _check_missing(con: "duckdb.DuckDBPyConnection", table: str, path: Path, c: 
                             file=str(path), row=int(first) + int(header), column=column,
                             fix="fill them in or remove those rows" + (
                                 "; user and item ids may never be empty" if what == "id" else
-                                f"; or set data.csv.missing (or this field's missing:) to unknown or drop"))
+                                "; or set data.csv.missing (or this field's missing:) to unknown or drop"))
         if policy == "drop":
             drop.append(f"NOT ({blank})")
     return drop
