@@ -19,7 +19,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from flip.config import Config, ConfigError, load_config
-from flip.errors import FlipError
+from flip.errors import FlipError, TransientError
 from flip.strategies import STRATEGIES
 
 app = typer.Typer(
@@ -38,7 +38,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")
 
 def _stage(fn: Callable) -> Callable:
     """Report configuration and data errors as one paragraph and exit 2, or 75 for a
-    :class:`~flip.errors.TransientError` a retry may fix (no traceback)."""
+    :class:`~flip.errors.TransientError` a retry may fix (no traceback). A full disk is not bad input:
+    one paragraph too, and exit 75 (the retrain flow retries it; the stage's outputs are atomic, so
+    nothing half written is left)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,8 +49,25 @@ def _stage(fn: Callable) -> Callable:
         except (FlipError, ConfigError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+            typer.echo(f"error: no space left on the device{where}: {' '.join(str(exc).split())[:300]}. Fix: free "
+                       "some space, or point the output (--out, DuckDB's spill directory) at a larger disk; no "
+                       "output of this stage was replaced.", err=True)
+            raise typer.Exit(TransientError.exit_code) from None
 
     return wrapper
+
+
+def disk_full(exc: BaseException) -> bool:
+    """An exception that says the disk is full (an OSError, or a DuckDB or library error wrapping one)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or (exc.__cause__ is not None and disk_full(exc.__cause__))
 
 
 def _config(params: Path, overrides: list[str] | None) -> Config:

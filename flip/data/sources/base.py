@@ -286,6 +286,8 @@ def read_delimited(
             f"FROM read_csv($1, {', '.join(options)})", [str(path)]
         )
     except Exception as exc:  # duckdb.Error: sniffing / IO failures
+        if "No space left on device" in str(exc):  # not the file's fault: the CLI reports a full disk (exit 75)
+            raise
         raise DataError(
             f"cannot be parsed as {delim!r}-separated text in {encoding}: {str(exc).splitlines()[0]}",
             file=str(path),
