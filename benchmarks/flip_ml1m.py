@@ -235,8 +235,8 @@ def test_predictions(run_dir: Path) -> dict[str, tuple[Any, Any, Any]]:
     out = {}
     for name, seed in RunDir(run_dir).seeds().items():
         if seed.has_predictions("test"):
-            t = seed.predictions("test")
-            out[name.removeprefix("seed-")] = tuple(t[c].to_numpy() for c in ("row", "label", "prob"))
+            t = seed.prediction_arrays("test")
+            out[name.removeprefix("seed-")] = (t["row"], t["label"], t["prob"])
     return out
 
 

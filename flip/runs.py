@@ -213,6 +213,14 @@ class RunDir:
 
         return pq.read_table(self.predictions_file(split)).to_pandas()
 
+    def prediction_arrays(self, split: str, columns: tuple[str, ...] = ("row", "label", "prob")) -> dict[str, Any]:
+        """The same predictions as numpy arrays, without pandas (a bare GPU machine has torch,
+        transformers and pyarrow only)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.predictions_file(split), columns=list(columns))
+        return {c: table.column(c).to_numpy() for c in columns}
+
     # ----------------------------------------------------------------------------- what it is
     def is_finished(self) -> bool:
         """``metrics.json`` is there (whatever made it): a finished run, of one seed or several."""

@@ -58,6 +58,8 @@ def test_a_trained_run_read_through_rundir(tmp_path):
     assert set(run.weights()) == {"weight", "bias"}
     test = run.predictions("test")
     assert list(test.columns) == ["row", "label", "prob"] and test["row"].iloc[0] == 2000
+    arrays = run.prediction_arrays("test")  # (pandas-free, for the GPU check)
+    assert all((arrays[c] == test[c].to_numpy()).all() for c in ("row", "label", "prob"))
     assert run.seeds() == {"seed-5": run} and run.best_seed() == run == run.first_seed()
     assert run.selection() is None and run.candidates() == {}
     assert not run.checkpoint_dir.exists()
