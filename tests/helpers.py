@@ -228,3 +228,15 @@ def write_tiny_bert_for(directory: Path, data: Path, texts: int, dropout: bool =
         config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         (bert / "config.json").write_text(json.dumps(config))
     return bert
+
+
+def assert_one_paragraph_failure(result, out, *fragments: str) -> str:
+    """A CLI result that failed as the project promises: exit 2, one ``error: `` paragraph (no
+    traceback) holding each of ``fragments``, and no output at ``out``. Returns the message."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    message = result.output.strip()
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not out.exists(), "no partial output"
+    return message

@@ -21,6 +21,7 @@ from flip.data.sources.csv import field_key
 from flip.data.sql import check_rule, locked_connection, quote_ident, sql_str
 from flip.errors import SettingError
 from flip.io import read_json
+from helpers import assert_one_paragraph_failure
 
 runner = CliRunner()
 ROWS = 30
@@ -50,16 +51,6 @@ def run_preprocess(tmp_path: Path, files: list[Path], columns: list[str], label:
     result = runner.invoke(app, ["preprocess", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
                                  "--out", str(out), "-q"])
     return result, out
-
-
-def assert_one_paragraph_failure(result, out: Path, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.output, result.exception)
-    message = result.output.strip()
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert not out.exists(), "no partial output"
-    return message
 
 
 def values_by_field(out: Path) -> dict[str, list[str]]:

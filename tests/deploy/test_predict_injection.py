@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from flip.cli import app
 from flip.deploy.predict import predict
+from helpers import assert_one_paragraph_failure
 
 runner = CliRunner()
 ROWS = 40
@@ -50,16 +51,6 @@ def run_predict(bundle: Path, inputs: list[Path], out: Path, id_column: str | No
     if id_column is not None:
         args += ["--id-column", id_column]
     return runner.invoke(app, args)
-
-
-def assert_one_paragraph_failure(result, out: Path, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.output, result.exception)
-    message = result.output.strip()
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert not out.exists(), "no partial output"
-    return message
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
