@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     info = fm.device_info()
     peak = fm.peak_tflops(info.get("gpu"), args.peak_tflops)
     strategies = list(dict.fromkeys(args.strategies))
-    from flip.strategies import STRATEGIES
+    from flip.strategy_table import STRATEGIES
 
     plm_strategies = [s for s in strategies if STRATEGIES[s].uses_plm]
     report = Report(json_path, {

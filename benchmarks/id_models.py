@@ -27,7 +27,7 @@ from common import save  # noqa: E402
 from flip.config import load_config  # noqa: E402
 from flip.data.preprocess import preprocess  # noqa: E402
 from flip.evaluate.paper import MODEL_ROW, TABLE2  # noqa: E402
-from flip.train.ctr import finetune_bf16  # noqa: E402
+from flip.train.tasks import finetune_bf16  # noqa: E402
 from flip.train.finetune import finetune  # noqa: E402
 from flip.train.loop import resolve_device  # noqa: E402
 

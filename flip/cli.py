@@ -20,7 +20,7 @@ import typer
 
 from flip.config import Config, ConfigError, load_config
 from flip.errors import FlipError, TransientError
-from flip.strategies import STRATEGIES
+from flip.strategy_table import STRATEGIES
 
 app = typer.Typer(
     help="FLIP: fine-grained alignment between ID-based CTR models and pretrained language models.",
@@ -126,7 +126,7 @@ def preprocess(
 @_stage
 def validate(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None):
     """Check the processed splits: pandera schema contract (hard) and Great Expectations quality + Data Docs."""
-    from flip.data.quality import validate as run
+    from flip.data.validate import validate as run
 
     cfg = _config(params, set_)
     result = run(cfg, data or cfg.data.processed_path, out or Path(cfg.validate.reports_dir))
@@ -154,7 +154,7 @@ def pretrain(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
 @_stage
 def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None,
              pretrained: Annotated[Optional[Path], typer.Option(help="pretraining run directory")] = None):
-    """Train a CTR model with ``finetune.strategy``, a row of ``flip.strategies.STRATEGIES`` (the help lists them)."""
+    """Train a CTR model with ``finetune.strategy``, a row of ``flip.strategy_table.STRATEGIES`` (the help lists them)."""
     from flip.train.finetune import finetune as run
 
     cfg = _config(params, set_)
@@ -171,7 +171,7 @@ def evaluate(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
              full: Annotated[Optional[Path], typer.Option(
                  help="folder of full-data ID runs shown beside the equal-data comparison")] = None):
     """Score every finetuned run (AUC, logloss, calibration, cold start) and write Evidently drift reports."""
-    from flip.evaluate.evaluate import evaluate as run
+    from flip.evaluate.scoring import evaluate as run
 
     cfg = _config(params, set_)
     result = run(cfg, data or cfg.data.processed_path, runs, out or Path("reports"), full_dir=full)
@@ -228,7 +228,7 @@ def report(out: Out = None,
 @_stage
 def drift(params: Params = Path("params.yaml"), set_: Overrides = None, out: Out = None, data: Data = None):
     """Evidently drift of the newest window (test split) against the training data: attributes and label."""
-    from flip.evaluate.monitoring import drift as run
+    from flip.evaluate.drift import drift as run
 
     cfg = _config(params, set_)
     result = run(cfg, data or cfg.data.processed_path, out or Path("reports/drift"))

@@ -168,7 +168,7 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    strategy: str = "scratch"  # a row of flip.strategies.STRATEGIES
+    strategy: str = "scratch"  # a row of flip.strategy_table.STRATEGIES
     epochs: int = 20
     batch_size: int = 1024
     lr: float = 1e-3
@@ -187,7 +187,7 @@ class FinetuneConfig:
     # empty = the single value lr / plm_lr. flip selects both (the product of the two grids).
     lr_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # the ID model's rate
     plm_lr_grid: list[float] = field(default_factory=list)  # the language model's rate (and its head's)
-    # strategies with a language model (uses_plm in flip.strategies.STRATEGIES):
+    # strategies with a language model (uses_plm in flip.strategy_table.STRATEGIES):
     plm_seeds: int = 0  # 0 = every seed of run.seeds; N = its first N seeds (a CPU budget)
     plm_epochs: int = 1  # 0 = epochs (paper)
     plm_batch_size: int = 32  # 0 = batch_size (paper)

@@ -3,7 +3,7 @@
 Read this first. A *run* is one directory. A run of one seed (what :func:`flip.train.loop.fit` makes)::
 
     config.json           the whole configuration it ran with (``Config.to_dict()``)
-    run.json              what identifies and describes it: ``fingerprint`` (flip.train.identity), ``seed``,
+    run.json              what identifies and describes it: ``fingerprint`` (flip.train.fingerprint), ``seed``,
                           ``device``, versions, ``finished``, the stage's ``info`` (stage, strategy,
                           dataset_dir, precision, pretrained, ...), the task's ``run_summary()``;
                           ``adopted_from`` for a run adopted from a selection candidate
@@ -36,7 +36,7 @@ with ``metrics.json`` and a ``run.json`` of the same fingerprint is a finished r
 (:meth:`RunDir.finished`) and is never trained again. ``finish`` is called at the end of
 :func:`~flip.train.loop.fit` (a trained seed), when a selection candidate is adopted as a seed's run
 (:func:`flip.train.selection.adopt`), for the seed aggregate (:func:`flip.train.selection.run_seeds`) and by
-the untrained "w/o alignment" pretraining (:mod:`flip.train.unaligned`). ``config.json`` and ``run.json``
+the untrained "w/o alignment" pretraining (:mod:`flip.train.without_alignment`). ``config.json`` and ``run.json``
 are written by :meth:`write_config` / :meth:`write_info`, ``log.jsonl`` through :meth:`open_log`.
 
 Reading: :meth:`seeds` (the seed runs in the order of ``run.seeds``), :meth:`best_seed` (by a metric,

@@ -1,7 +1,7 @@
 """Imports only run down: data and models → align → train → evaluate → deploy (then the CLI on top).
 
 A module may import from its own layer or any layer below; the top-level modules (config, errors, io,
-environment, metrics, runs, strategies, progress) are the floor, below every package, so they import
+environment, metrics, runs, strategy_table, progress) are the floor, below every package, so they import
 none of them. Function-level imports count too: a lazy import is still a dependency."""
 
 from __future__ import annotations

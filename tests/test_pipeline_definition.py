@@ -7,7 +7,7 @@
   included) lies under one of the stage's ``deps``, so that ``dvc repro`` re-runs the stage when that
   code changes. The command-line shell and the typed config are left out: ``params`` carry the
   settings, and the shell only parses them.
-* What identifies a run (:data:`flip.train.identity.STAGE_SECTIONS`) is among the stage's ``params``.
+* What identifies a run (:data:`flip.train.fingerprint.STAGE_SECTIONS`) is among the stage's ``params``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 from helpers import ROOT
 
 from flip.config import Config, load_config
-from flip.train.identity import STAGE_SECTIONS, flatten
+from flip.train.fingerprint import STAGE_SECTIONS, flatten
 
 # Modules every command loads that do not change what a stage computes (see the module docstring).
 SHELL = {"flip/__init__.py", "flip/cli.py", "flip/config.py", "flip/errors.py", "flip/progress.py"}
@@ -169,11 +169,11 @@ def code_readers(path: str) -> set[str]:
 
 
 def test_editing_a_module_reruns_only_the_stages_that_run_it():
-    assert code_readers("flip/data/quality.py") == {"validate"}  # a Great Expectations check: not pretraining
+    assert code_readers("flip/data/validate.py") == {"validate"}  # a Great Expectations check: not pretraining
     assert code_readers("flip/train/pretrain.py") == {"pretrain"}  # not the scratch baseline
     assert code_readers("flip/evaluate/report.py") == {"report"}
     assert "pretrain" not in code_readers("flip/data/preprocess.py")
-    assert code_readers("flip/evaluate/monitoring.py") == {"drift", "evaluate"}
+    assert code_readers("flip/evaluate/drift.py") == {"drift", "evaluate"}
 
 
 # ------------------------------------------------------------------------------------ params
@@ -208,7 +208,7 @@ PLM_ONLY_KEYS = {"plm_lr", "plm_lr_grid", "plm_seeds", "plm_epochs", "plm_batch_
 def test_finetuning_stages_declare_every_finetune_key_they_read(name, stage):
     """Declared (dotted) or fixed by -S: every finetune key, less the language-model ones for the
     strategies without a language model (a new key in flip/config.py must be placed here)."""
-    from flip.strategies import get_strategy
+    from flip.strategy_table import get_strategy
 
     [strategy] = [k.split("=", 1)[1] for k in shlex.split(stage["cmd"]) if k.startswith("finetune.strategy=")]
     keys = {k for k in flatten(Config().to_dict()) if k.startswith("finetune.")}
@@ -235,7 +235,7 @@ def test_evaluate_reads_the_drift_stages_verdict_under_the_same_settings():
 def test_stage_params_cover_what_identifies_a_run(name, stage):
     """A section in the run's fingerprint that dvc.yaml does not list would change the run without DVC
     re-running the stage."""
-    from flip.strategies import get_strategy
+    from flip.strategy_table import get_strategy
 
     if _command(stage) == "pretrain":
         sections = STAGE_SECTIONS["pretrain"]

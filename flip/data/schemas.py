@@ -7,7 +7,7 @@
   and checks types, id domains, label values, keys, time order and that splits do not overlap.
 
 Aggregate and distribution rules (row counts, null proportions, label-rate band, cardinality) are
-Great Expectations' job (``flip.data.quality``); nothing here repeats them.
+Great Expectations' job (``flip.data.validate``); nothing here repeats them.
 """
 
 from __future__ import annotations

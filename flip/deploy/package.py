@@ -55,7 +55,7 @@ def best_seed_run(run: Path) -> tuple[Path, dict[str, Any]]:
 
 def package(run: Path, data_dir: Path, out: Path, *, name: str = "", pretrained: Path | None = None) -> dict[str, Any]:
     """Write the bundle of ``run`` (its best seed) to ``out``; returns ``model.json``'s content."""
-    from flip.strategies import get_strategy
+    from flip.strategy_table import get_strategy
 
     seed_dir, metrics = best_seed_run(run)
     config = read_json(seed_dir / "config.json")
@@ -103,7 +103,7 @@ def package(run: Path, data_dir: Path, out: Path, *, name: str = "", pretrained:
 
 
 def _plm_source(config: dict[str, Any], pretrained: Path | None, strategy: str) -> Path:
-    from flip.strategies import STRATEGIES
+    from flip.strategy_table import STRATEGIES
 
     if STRATEGIES[strategy].pretrained_plm:
         if pretrained is None or not (Path(pretrained) / "plm").exists():

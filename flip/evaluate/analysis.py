@@ -51,7 +51,7 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
     id_model = build_id_model(cfg.id_model, len(meta["fields"]), meta["vocab_size"])
     model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir, meta["vocab_size"]))
     # a retrain that reused an older pretraining: its vocabulary-sized tensors mapped onto this dataset's
-    from flip.train.strategies import pretrained_rows, remap_rows
+    from flip.train.builders import pretrained_rows, remap_rows
 
     rows = pretrained_rows(pretrained, dataset_dir)
 
@@ -165,7 +165,7 @@ def analyze(dataset_dir: Path, pretrained: Path, out_dir: Path, *, extra_runs: d
         raise FlipError(f"{pretrained} holds no pretraining run: run `flip pretrain` first")
     meta = load_meta(dataset_dir)
     result: dict[str, Any] = {}
-    from flip.train.strategies import pretrained_rows
+    from flip.train.builders import pretrained_rows
 
     vocab_rows = pretrained_rows(pretrained, dataset_dir)  # a retrain that reused an older pretraining
     with atomic_dir(out_dir, "analyze", ("fig5_*.png", "fig6_*.png", "analysis.json")) as tmp:

@@ -1,11 +1,12 @@
 """Training: the generic loop (``loop``) and its callbacks (``callbacks``: logs, early stopping,
-checkpoints), CTR finetuning (``finetune``: the entry point; ``ctr``: its building blocks;
-``strategies``: how each strategy of ``flip.strategies`` is built; ``selection``: seeds and
-learning-rate selection) and pretraining (``pretrain``). What a run leaves on disk: ``flip.runs``."""
+checkpoints), ``flip finetune`` (``finetune``: the entry point; ``tasks``: what the loop trains and on
+which data; ``builders``: one builder per row of ``flip.strategy_table``; ``selection``: seeds and
+learning-rate selection), ``flip pretrain`` (``pretrain``; ``without_alignment``: Table 5's row with no
+objective) and ``fingerprint`` (what identifies a run). What a run leaves on disk: ``flip.runs``."""
 
-from flip.strategies import Strategy, get_strategy
+from flip.strategy_table import Strategy, get_strategy
 from flip.train.callbacks import SimulatedCrash, crash_after
-from flip.train.ctr import CtrData, TabularTask, load_ctr_data, make_optimizer
+from flip.train.tasks import CtrData, TabularTask, load_ctr_data, make_optimizer
 from flip.train.finetune import finetune
 from flip.train.loop import EvalSet, LoopSettings, Task, fit
 from flip.train.selection import aggregate_seeds, run_seeds

@@ -1,18 +1,18 @@
-"""``flip finetune``: train ``finetune.strategy`` (a row of ``flip.strategies.STRATEGIES``) on a processed dataset.
+"""``flip finetune``: train ``finetune.strategy`` (a row of ``flip.strategy_table.STRATEGIES``) on a processed dataset.
 
     metrics = finetune(cfg, "data/processed/movielens-1m", "models/finetune/scratch")
 
-:func:`finetune` loads the processed splits once (``flip.train.ctr``), looks the strategy up in the
-table, builds its task (``flip.train.strategies``) and runs the generic loop
+:func:`finetune` loads the processed splits once (``flip.train.tasks``), looks the strategy up in the
+table, builds its task (``flip.train.builders``) and runs the generic loop
 (:func:`flip.train.loop.fit`) for every seed in ``cfg.run.seeds``, after selecting the learning rates on
 validation when the grids give several (:mod:`flip.train.selection`: seeds, selection; :mod:`flip.runs`:
-the output layout). What identifies a run: ``flip.train.identity`` (the config sections the stage
-reads, the dataset, the seed and :func:`flip.train.strategies.strategy_fingerprint`: the weights the
+the output layout). What identifies a run: ``flip.train.fingerprint`` (the config sections the stage
+reads, the dataset, the seed and :func:`flip.train.builders.strategy_fingerprint`: the weights the
 strategy starts from, so that a finished run is not reused after its inputs changed).
 
 Adding a strategy: a builder ``build(cfg, data, device, pretrained) -> Task`` in
-``flip.train.strategies`` (``pretrained`` is the pretraining run directory, ``flip finetune
---pretrained DIR``, or None) and its row in ``flip.strategies.STRATEGIES``; the loop is not touched.
+``flip.train.builders`` (``pretrained`` is the pretraining run directory, ``flip finetune
+--pretrained DIR``, or None) and its row in ``flip.strategy_table.STRATEGIES``; the loop is not touched.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 
 from flip.config import Config
 from flip.runs import RunDir
-from flip.strategies import get_strategy
-from flip.train.ctr import CtrData, finetune_bf16, load_ctr_data
-from flip.train.identity import dataset_fingerprint, run_fingerprint
+from flip.strategy_table import get_strategy
+from flip.train.tasks import CtrData, finetune_bf16, load_ctr_data
+from flip.train.fingerprint import dataset_fingerprint, run_fingerprint
 from flip.train.loop import LoopSettings, Task, fit, resolve_device, set_threads
 from flip.train.selection import adopt, candidate_name, lr_candidates, run_seeds, select_learning_rate
-from flip.train.strategies import strategy_fingerprint
+from flip.train.builders import strategy_fingerprint
 
 __all__ = ["finetune", "loop_settings", "lr_candidates"]
 

@@ -392,7 +392,7 @@ def fit(
     """Train one seed in ``out_dir`` (resuming or recognising a finished run) and return its metrics.
 
     ``build_task`` is called after seeding, so model initialisation follows the seed. ``config``
-    is written to ``config.json``; ``fingerprint`` (:mod:`flip.train.identity`) identifies the run for
+    is written to ``config.json``; ``fingerprint`` (:mod:`flip.train.fingerprint`) identifies the run for
     resuming and for recognising a finished one; ``info`` goes into ``run.json``.
     """
     run = RunDir(out_dir)

@@ -56,7 +56,7 @@ Outputs (``OUT``)
 
 The loop writes ``config.json``, ``run.json``, ``log.jsonl`` and ``metrics.json`` (last); everything
 else is written by :meth:`PretrainTask.save_outputs`, the loop's end-of-fit hook, from the model in
-memory (``flip.runs`` is the layout). Finetuning (``flip.train.strategies``) reads
+memory (``flip.runs`` is the layout). Finetuning (``flip.train.builders``) reads
 ``id_model.safetensors``, ``plm/``, ``config.json`` and ``dataset_meta.json``.
 
 Imports only torch, numpy, pyarrow, safetensors, tqdm, PyYAML and the standard library (transformers
@@ -86,7 +86,7 @@ from flip.io import write_json
 from flip.runs import RunDir
 from flip.train.distributed import (DistContext, all_reduce_sum, broadcast, check_same_position, init_distributed,
                                     rank_share)
-from flip.train.identity import pretrain_fingerprint
+from flip.train.fingerprint import pretrain_fingerprint
 from flip.train.loop import LoopSettings, Task, fit, set_threads
 from flip.train.precision import autocast, use_bf16
 
@@ -388,7 +388,7 @@ def pretrain(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict[
     (the module docstring says what is trained and what is written)."""
     from flip.models import check_model_name
     from flip.models.plm import load_tokenizer
-    from flip.train.unaligned import nothing_to_align, save_unaligned
+    from flip.train.without_alignment import nothing_to_align, save_unaligned
 
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
     check_model_name(cfg.id_model.name)  # before any work or output

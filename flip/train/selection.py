@@ -28,8 +28,8 @@ import torch
 
 from flip.errors import SettingError
 from flip.runs import RunDir
-from flip.strategies import Strategy
-from flip.train.identity import flatten
+from flip.strategy_table import Strategy
+from flip.train.fingerprint import flatten
 from flip.train.loop import LoopSettings, Task, score
 
 __all__ = ["adopt", "aggregate_seeds", "candidate_name", "lr_candidates", "run_seeds", "select_learning_rate"]

@@ -67,7 +67,7 @@ def test_leakage_between_splits_is_caught(processed):
 
 @pytest.mark.slow
 def test_great_expectations_quality_and_data_docs(processed, tmp_path):
-    from flip.data.quality import validate
+    from flip.data.validate import validate
 
     cfg, out = processed
     reports = tmp_path / "reports"
@@ -88,7 +88,7 @@ def test_great_expectations_quality_and_data_docs(processed, tmp_path):
 @pytest.mark.slow
 def test_a_time_far_outside_the_logs_period_fails_the_batch_check(processed, tmp_path):
     """The first training row at 1970-01-02 (a line cut inside its timestamp) among 2020 ones."""
-    from flip.data.quality import validate
+    from flip.data.validate import validate
 
     cfg, out = processed
     ts = pq.read_table(out / "train.parquet").column("timestamp").to_pylist()
@@ -103,7 +103,7 @@ def test_data_docs_work_offline_and_list_every_validation(processed, tmp_path):
     """No stylesheet, script or image from a CDN; the index lists each validation as a plain link."""
     import re
 
-    from flip.data.quality import validate
+    from flip.data.validate import validate
 
     cfg, out = processed
     validate(cfg, out, tmp_path / "reports")
@@ -125,7 +125,7 @@ def test_data_docs_work_offline_and_list_every_validation(processed, tmp_path):
 @pytest.mark.slow
 def test_attribute_values_unseen_in_training_fail_the_window_check(processed, tmp_path):
     """A new window whose gender is mostly a value training never saw fails; new users do not."""
-    from flip.data.quality import validate
+    from flip.data.validate import validate
 
     cfg, out = processed
     meta = load_meta(out)

@@ -123,7 +123,7 @@ def test_gate_rule():
 
 
 def test_vocabulary_map_sends_known_values_to_their_rows_and_new_ones_to_oov(tmp_path):
-    from flip.train.strategies import vocabulary_map
+    from flip.train.builders import vocabulary_map
 
     old_meta = {"vocab_size": 7, "fields": [{"name": "user", "oov_id": 2}, {"name": "item", "oov_id": 5}]}
     pq.write_table(pa.table({"field": ["user", "user", "item"], "value": ["a", "b", "x"], "id": [3, 4, 6]}),

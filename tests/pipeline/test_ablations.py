@@ -41,8 +41,8 @@ def test_every_table5_ablation_runs_end_to_end(synthetic, tmp_path, row):
     import torch
 
     from flip.evaluate.analysis import analyze
-    from flip.evaluate.evaluate import evaluate
-    from flip.evaluate.monitoring import drift
+    from flip.evaluate.scoring import evaluate
+    from flip.evaluate.drift import drift
     from flip.evaluate.report import report
     from flip.train.finetune import finetune
     from flip.train.pretrain import pretrain

@@ -16,8 +16,8 @@ import pytest
 from flip.config import load_config
 from flip.data.preprocess import preprocess
 from flip.errors import FlipError
-from flip.evaluate.evaluate import evaluate
-from flip.evaluate.monitoring import DRIFT_SEED, drift
+from flip.evaluate.scoring import evaluate
+from flip.evaluate.drift import DRIFT_SEED, drift
 from flip.evaluate.report import report
 from flip.train.finetune import finetune
 from helpers import pinned_overrides

@@ -49,7 +49,7 @@ def test_editing_a_module_outdates_only_the_stages_that_run_it(dvc_repo):
     dvc_repo("dvc", "commit", "--force")
     assert _stale(dvc_repo) == set()  # the whole pipeline is up to date
 
-    _append_comment("flip/data/quality.py")  # a Great Expectations check
+    _append_comment("flip/data/validate.py")  # a Great Expectations check
     assert _stale(dvc_repo) == {"validate"}  # not pretraining, finetuning, drift or evaluate
     _append_comment("flip/train/pretrain.py")
     assert _stale(dvc_repo) == {"validate", "pretrain"}  # not the scratch baseline

@@ -11,8 +11,8 @@ import pytest
 from flip.config import load_config
 from helpers import pinned_overrides
 from flip.data.preprocess import preprocess
-from flip.evaluate.evaluate import evaluate
-from flip.evaluate.monitoring import drift
+from flip.evaluate.scoring import evaluate
+from flip.evaluate.drift import drift
 from flip.evaluate.report import report
 from flip.train.finetune import finetune
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from flip.metrics import auc
 from flip.io import read_json
-from flip.train.identity import config_fingerprint
+from flip.train.fingerprint import config_fingerprint
 from flip.train.loop import EvalSet, LoopSettings, Task, fit
 from flip.train.selection import aggregate_seeds, run_seeds
 

@@ -135,9 +135,9 @@ def test_metrics_json_has_one_writer():
     run's file), and RunDir writes it in one place: finish()."""
     uses = {str(p.relative_to(ROOT)): lines for p in sorted((ROOT / "flip").rglob("*.py"))
             if (lines := _literal_uses(p, "metrics.json"))}
-    assert set(uses) == {"flip/runs.py", "flip/evaluate/evaluate.py"}, uses
-    evaluate = (ROOT / "flip/evaluate/evaluate.py").read_text().splitlines()
-    assert all('out_dir / "metrics.json"' in evaluate[n - 1] for n in uses["flip/evaluate/evaluate.py"])
+    assert set(uses) == {"flip/runs.py", "flip/evaluate/scoring.py"}, uses
+    evaluate = (ROOT / "flip/evaluate/scoring.py").read_text().splitlines()
+    assert all('out_dir / "metrics.json"' in evaluate[n - 1] for n in uses["flip/evaluate/scoring.py"])
     source = (ROOT / "flip/runs.py").read_text()
     assert source.count("write_json(self.metrics_file") == 1 and "write_json(self.path" not in source
     finish = source.split("    def finish(")[1].split("\n    def ")[0]

@@ -1,4 +1,4 @@
-"""FLIP's finetuning strategies (flip.train.strategies) from a real (tiny) pretraining run.
+"""FLIP's finetuning strategies (flip.train.builders) from a real (tiny) pretraining run.
 
 One pretraining run (tiny random BERT + small DCNv2 on the synthetic dataset, a few steps) is made
 per module; every strategy then finetunes end to end through ``flip.train.finetune.finetune``.
@@ -81,7 +81,7 @@ def test_strategy_finetunes_end_to_end(env, tmp_path, strategy):
 
 
 def test_flip_id_starts_from_the_pretrained_id_tower(env):
-    from flip.train.strategies import build_flip_id
+    from flip.train.builders import build_flip_id
 
     data_dir, _, _, pre = env
     cfg = strategy_cfg(env, "flip_id")
@@ -95,15 +95,15 @@ def test_flip_id_starts_from_the_pretrained_id_tower(env):
         elif not key.startswith("fc."):
             assert torch.equal(state[key], value), key
     # trained exactly like scratch: same task class, optimizer and regulariser
-    from flip.train.ctr import TabularTask
+    from flip.train.tasks import TabularTask
 
     assert isinstance(task, TabularTask) and type(task.optimizer).__name__ == "Adam"
     assert task.l2_embedding == cfg.finetune.l2_embedding
 
 
 def test_flip_loss_is_eq15_and_alpha_is_reported(env):
-    from flip.train.ctr import FlipTask
-    from flip.train.strategies import build_flip
+    from flip.train.tasks import FlipTask
+    from flip.train.builders import build_flip
 
     data_dir, _, _, pre = env
     cfg = strategy_cfg(env, "flip", alpha_init=0.3, l2_embedding=0.0)
@@ -229,7 +229,7 @@ def test_a_reused_pretraining_maps_its_embeddings_onto_a_newer_vocabulary(env, t
     from flip.data.preprocess import preprocess
     from flip.evaluate.analysis import ALIGNED_ONLY, analyze
     from flip.models import build_id_model
-    from flip.train.strategies import load_pretrained_id_model, pretrained_rows
+    from flip.train.builders import load_pretrained_id_model, pretrained_rows
 
     _, bert, tokens, pre = env
     newer = tmp_path / "processed" / "newer"

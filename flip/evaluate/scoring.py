@@ -33,7 +33,7 @@ from flip.config import Config
 from flip.errors import FlipError
 from flip.io import atomic_dir, write_json
 from flip.runs import RunDir
-from flip.strategies import REPORT_ORDER, STRATEGIES
+from flip.strategy_table import REPORT_ORDER, STRATEGIES
 
 STRATEGY_ORDER = list(REPORT_ORDER)
 BASELINE = "scratch"
@@ -105,7 +105,7 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
     from flip.evaluate.calibration import calibration
     from flip.evaluate.coldstart import auc_by_frequency
     from flip.metrics import auc, logloss
-    from flip.evaluate.monitoring import prediction_drift
+    from flip.evaluate.drift import prediction_drift
     from flip.evaluate.significance import paired_delta
 
     preds: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> split -> seed -> frame
@@ -216,7 +216,7 @@ def data_drift(cfg: Config, data_dir: Path, meta: dict[str, Any], ev_dir: Path, 
     import os
 
     from flip.data.preprocess import split_values
-    from flip.evaluate.monitoring import drift_settings, read_drift, windows_drift
+    from flip.evaluate.drift import drift_settings, read_drift, windows_drift
 
     test_drift = read_drift(cfg, data_dir, drift_dir)
     if test_drift.get("html"):

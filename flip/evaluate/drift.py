@@ -1,4 +1,5 @@
-"""Evidently (0.7 API) reports on held-out chronological windows: data drift, prediction drift, quality.
+"""``flip drift``, and every other Evidently (0.7 API) report on held-out chronological windows: data
+drift, prediction drift, quality.
 
 Windows: the validation split, the test split, and the test split cut into ``slices`` consecutive
 time slices. Data drift compares each window's attribute fields with the training split (ID-like

@@ -1,4 +1,4 @@
-"""The building blocks of CTR finetuning, shared by every strategy (``flip.train.strategies``).
+"""The building blocks of CTR finetuning, shared by every strategy (``flip.train.builders``).
 
 Data
     :class:`CtrData`: the processed splits as tensors on the training device, loaded once

@@ -24,7 +24,7 @@ PLM_WEIGHTS = ("config.json", "plm/config.json")  # the aligned language model
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    build: str  # "module:function": build(cfg, data, device, pretrained) -> Task
+    build: str  # "module:function", spelled out so that grep finds it: build(cfg, data, device, pretrained) -> Task
     uses_id: bool = True  # trains an ID model (finetune.lr, finetune.lr_grid)
     uses_plm: bool = False  # trains a language model (finetune.plm_lr, plm_lr_grid, plm_epochs, plm_batch_size)
     needs: tuple[str, ...] = ()  # files of a pretraining run it reads; () = it starts from no pretraining
@@ -45,13 +45,12 @@ class Strategy:
         return "plm/config.json" in self.needs
 
 
-_BUILD = "flip.train.strategies:"
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("scratch", _BUILD + "build_scratch"),
-    Strategy("flip_id", _BUILD + "build_flip_id", needs=ID_WEIGHTS),
-    Strategy("plm_scratch", _BUILD + "build_plm_scratch", uses_id=False, uses_plm=True),
-    Strategy("flip_plm", _BUILD + "build_flip_plm", uses_id=False, uses_plm=True, needs=PLM_WEIGHTS),
-    Strategy("flip", _BUILD + "build_flip", uses_plm=True, needs=tuple(dict.fromkeys(ID_WEIGHTS + PLM_WEIGHTS))),
+    Strategy("scratch", "flip.train.builders:build_scratch"),
+    Strategy("flip_id", "flip.train.builders:build_flip_id", needs=ID_WEIGHTS),
+    Strategy("plm_scratch", "flip.train.builders:build_plm_scratch", uses_id=False, uses_plm=True),
+    Strategy("flip_plm", "flip.train.builders:build_flip_plm", uses_id=False, uses_plm=True, needs=PLM_WEIGHTS),
+    Strategy("flip", "flip.train.builders:build_flip", uses_plm=True, needs=tuple(dict.fromkeys(ID_WEIGHTS + PLM_WEIGHTS))),
 )}
 
 REPORT_ORDER = tuple(STRATEGIES)

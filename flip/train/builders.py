@@ -1,10 +1,10 @@
-"""How each finetuning strategy is built (paper §3.4, Eq. 13-15); the table is ``flip.strategies``.
+"""How each finetuning strategy is built (paper §3.4, Eq. 13-15); the table is ``flip.strategy_table``.
 
     flip finetune -S finetune.strategy=flip --pretrained models/pretrain
 
 Each strategy is a builder ``build(cfg, data, device, pretrained) -> Task`` (named by its row of
-``flip.strategies.STRATEGIES``) run by the generic loop (validation-AUC early stopping, test scored
-once with the best weights, deterministic, resumable), made of the blocks of ``flip.train.ctr``.
+``flip.strategy_table.STRATEGIES``) run by the generic loop (validation-AUC early stopping, test scored
+once with the best weights, deterministic, resumable), made of the blocks of ``flip.train.tasks``.
 ``pretrained`` is a ``flip pretrain`` run directory (``flip.train.pretrain`` documents its layout); a
 strategy that needs one and does not get it raises :class:`~flip.errors.FlipError` saying to run
 ``flip pretrain`` first or pass ``--pretrained DIR``. Every strategy fingerprints the weights it starts
@@ -57,8 +57,8 @@ from flip.errors import FlipError
 from flip.io import file_sha256, read_json
 from flip.models.fusion import FlipModel, PlmClassifier
 from flip.models.layers import HEAD_MODULES
-from flip.strategies import STRATEGIES, Strategy
-from flip.train.ctr import (
+from flip.strategy_table import STRATEGIES, Strategy
+from flip.train.tasks import (
     CtrData,
     FlipTask,
     PlmTask,
@@ -67,7 +67,7 @@ from flip.train.ctr import (
     load_text_splits,
     make_optimizer,
 )
-from flip.train.identity import plm_identity
+from flip.train.fingerprint import plm_identity
 from flip.train.loop import Task
 
 __all__ = [

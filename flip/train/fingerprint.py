@@ -24,7 +24,7 @@ from typing import Any
 from flip.io import file_sha256
 
 # The config sections each training stage reads. A finetuning strategy with a language model reads
-# ``plm`` too (see flip.train.strategies.STRATEGIES).
+# ``plm`` too (see flip.train.builders.STRATEGIES).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("id_model", "plm", "pretrain", "run"),
     "finetune": ("id_model", "finetune", "run"),
