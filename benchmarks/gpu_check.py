@@ -448,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     # ---- 3. equal data for every strategy, sized for the language-model strategies
     margin = 0.05 * budget + (5 if args.dry_run else 15)
     ft_rate = args.ft_speed_factor * rate  # samples/s of language-model finetuning (estimate)
-    epochs_plm = int(args.plm_epochs or cfg.finetune.plm_epochs or cfg.finetune.epochs)  # 0 = the profile's
+    epochs_plm = int(args.plm_epochs or cfg.finetune.plm_epochs)  # --plm-epochs 0 = the profile's
     epochs_id = min(int(cfg.finetune.epochs), args.id_epochs) if args.id_epochs else int(cfg.finetune.epochs)
     plm_overhead = 2.0 if args.dry_run else 8.0  # load the language model, build, save
     left = remaining() - margin
@@ -563,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
     for strategy, row in results.items():
         sps = row.get("train_samples_per_second")
         if sps:
-            epochs = (paper_cfg.finetune.plm_epochs or paper_cfg.finetune.epochs) if strategy in plm_strategies \
+            epochs = paper_cfg.finetune.plm_epochs if strategy in plm_strategies \
                 else paper_cfg.finetune.epochs
             ft_est[strategy] = {"epochs_max": epochs, "seconds_per_epoch_train": round(n["train"] / sps, 1),
                                 "seconds_upper_bound_train": round(epochs * n["train"] / sps, 1)}

@@ -138,16 +138,22 @@ class PlmConfig:
 # -------------------------------------------------------------------------------------- training
 @dataclass
 class PretrainConfig:
+    # The optimiser and the schedule:
     epochs: int = 1  # paper: 30
     batch_size: int = 32  # paper: 1024
     lr: float = 1e-3  # paper: 5e-5
-    plm_lr: float = 2e-5  # 0 = lr (the paper: one rate); > 0 = the language model's own rate (the rest at lr)
+    # The language model's rate (> 0); the ID model and the fresh MLM/MTM/ICL heads train at lr. The paper
+    # uses one rate for everything (plm_lr = lr = 5e-5). The quick profile's 2e-5: at lr 1e-4 for all, 250
+    # steps of ICL erased what the text states knew about clicks (README, Profiles).
+    plm_lr: float = 2e-5
     weight_decay: float = 1e-3
     warmup_steps: int = 20  # paper: 0
     grad_accum: int = 1
     max_steps: int = 0  # 0 = no limit; >0 stops early (reduced CPU profile)
     max_rows: int = 0  # 0 = all training rows (else the first N)
     train_rows: int = 8000  # 0 = all (paper); else the last (most recent) N: = finetune.train_rows for equal data
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    # The alignment module (flip.align.model.AlignmentSpec: what the model sees of this section):
     text_mask_ratio: float = 0.15
     tab_mask_ratio: float = 0.15
     same_fields: bool = False  # mask the same fields on both modalities
@@ -163,7 +169,11 @@ class PretrainConfig:
     similarity: str = "dot"  # dot (paper) | cosine
     icl_head: str = "linear"  # linear (paper: two linear layers) | clip (authors' code: residual MLP + LayerNorm)
     projection_dim: int = 128
-    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+
+    def __post_init__(self) -> None:
+        if not self.plm_lr > 0:
+            raise ConfigError(f"pretrain.plm_lr must be > 0, not {self.plm_lr!r} (the paper's one rate for "
+                              "everything: set it equal to pretrain.lr)")
 
 
 @dataclass
@@ -183,16 +193,25 @@ class FinetuneConfig:
     # every strategy trains and is scored on the same rows (equal data; a language model is costly on a CPU):
     train_rows: int = 8000  # 0 = all (paper); else train on the last (most recent) N training rows
     eval_rows: int = 4000  # 0 = all (paper); else at most N validation and N test rows, evenly spaced in time
-    # learning-rate selection on the validation split (the paper: {1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3});
-    # empty = the single value lr / plm_lr. flip selects both (the product of the two grids).
-    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # the ID model's rate
-    plm_lr_grid: list[float] = field(default_factory=list)  # the language model's rate (and its head's)
-    # strategies with a language model (uses_plm in flip.strategy_table.STRATEGIES):
-    plm_seeds: int = 0  # 0 = every seed of run.seeds; N = its first N seeds (a CPU budget)
-    plm_epochs: int = 1  # 0 = epochs (paper)
-    plm_batch_size: int = 32  # 0 = batch_size (paper)
+    # Learning-rate selection on the validation split; an empty grid = the single value lr / plm_lr; flip
+    # selects both (the product of the two grids). The ID model's rates (paper: 1e-5, 5e-5, 1e-4, 5e-4,
+    # 1e-3, 5e-3; quick: two): scratch, flip_id and flip select among them.
+    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
+    # The language model's rates (and its head's); quick: [] = the authors' fixed 5e-5, as each candidate
+    # is a CPU-costly run.
+    plm_lr_grid: list[float] = field(default_factory=list)
+    # Strategies with a language model (uses_plm in flip.strategy_table.STRATEGIES) have their own
+    # schedule: a CPU budget in the quick profile, the paper's 10 epochs of 256 in profiles/paper.txt.
+    plm_seeds: int = 3  # they train the first N seeds of run.seeds (all of them where it has fewer)
+    plm_epochs: int = 1  # their maximum epochs (paper: 10; the ID strategies: epochs)
+    plm_batch_size: int = 32  # their batch size (paper: 256, = batch_size)
     alpha_init: float = 0.5  # the authors: 0; 0.5 lets few CPU steps move it
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+
+    def __post_init__(self) -> None:
+        for key in ("plm_seeds", "plm_epochs", "plm_batch_size", "epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"finetune.{key} must be at least 1, not {getattr(self, key)!r}")
 
 
 @dataclass
@@ -209,8 +228,12 @@ class EvaluateConfig:
     """The evaluate stage: held-out windows, Evidently pages, small-bucket marking."""
 
     slices: int = 4  # the test split cut into this many consecutive time slices (drift, quality per slice)
-    drift_rows: int = 20_000  # windows larger than this are sampled (seed 0) for every data-drift test
-    pages: str = "main"  # Evidently HTML pages (~5 MB each): main | all | none (every window's numbers: eval.json)
+    # Windows larger than this are sampled (seed 0) for every data-drift test: the drift stage's (the retrain
+    # flow's verdict, which evaluate reads) and evaluate's other windows.
+    drift_rows: int = 20_000
+    # Evidently HTML pages, ~5 MB each: main (one per strategy; the test window's data-drift page is the drift
+    # stage's, always written) | all (every window) | none. Every window's numbers are in eval.json.
+    pages: str = "main"
     min_bucket_rows: int = 100  # cold-start and reliability buckets with fewer rows are marked "too few rows"
 
     def __post_init__(self) -> None:
@@ -241,7 +264,9 @@ class RetrainConfig:
     max_auc_drop: float = 0.005  # gate: challenger AUC >= champion AUC - this, on the same rows
     max_logloss_rise: float = 0.01  # gate: challenger logloss <= champion logloss + this
     min_auc: float = 0.55  # gate: the challenger's AUC on the newest window is at least this
-    commit: bool = True  # commit dvc.lock on promotion; False: HEAD's dvc.lock must record the gated bundle
+    # Commit dvc.lock when promoting (a GTO version is a git tag on a commit). False: commit nothing; HEAD's
+    # dvc.lock must already record the gated bundle.
+    commit: bool = True
 
 
 @dataclass

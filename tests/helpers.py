@@ -16,36 +16,100 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FLIP_DATA_MIRROR") or ROOT.parent / "shared" / "data")
 
-# The settings the tests were written for, where Config() (= params.yaml, the quick profile) differs:
-# the tests pin them so that a change of the profile does not change what they compute.
-TEST_DEFAULTS: dict[str, dict[str, Any]] = {
+# ---------------------------------------------------------------- the one test-config builder
+# Every test builds its configuration with preset_tree (preset_config, preset_overrides): Config() (=
+# params.yaml, the quick profile), then PINNED, then a named preset, then the test's own values.
+#
+# PINNED: the settings the tests were written for, where the quick profile differs (the paper's, mostly),
+# so that a change of the profile does not change what a test computes.
+PINNED: dict[str, dict[str, Any]] = {
     "plm": {"max_length": 100},
-    "pretrain": {"epochs": 30, "batch_size": 1024, "lr": 5e-5, "plm_lr": 0.0, "warmup_steps": 0, "train_rows": 0},
-    "finetune": {"train_rows": 0, "eval_rows": 0, "lr_grid": [], "plm_epochs": 0, "plm_batch_size": 0,
+    "pretrain": {"epochs": 30, "batch_size": 1024, "lr": 5e-5, "plm_lr": 5e-5, "warmup_steps": 0, "train_rows": 0},
+    "finetune": {"train_rows": 0, "eval_rows": 0, "lr_grid": [], "plm_epochs": 20, "plm_batch_size": 1024,
                  "alpha_init": 0.0},
     "run": {"seeds": [2012]},
 }
+_CPU = {"device": "cpu", "threads": 1, "progress": False}  # one thread: immune to other processes on the cores
+TINY_DCNV2 = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
+              "low_rank": 4, "num_experts": 2}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "pinned": {},
+    # the loop and finetuning on tests/train's tiny dataset: a small DCNv2, a few epochs
+    "tiny_loop": {
+        "id_model": {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 32], "low_rank": 8,
+                     "num_experts": 2, "dropout": 0.1},
+        "finetune": {"strategy": "scratch", "epochs": 4, "batch_size": 256, "lr": 3e-3, "patience": 2,
+                     "eval_batch_size": 512, "l2_embedding": 1e-4, "precision": "fp32"},
+        "run": {"seeds": [7], **_CPU},
+    },
+    # pretraining on a synthetic dataset with a tiny BERT (the test adds plm.name and plm.cache_dir)
+    "tiny_pretrain": {
+        "id_model": TINY_DCNV2,
+        "plm": {"max_length": 64},
+        "pretrain": {"epochs": 100, "batch_size": 32, "lr": 1e-2, "plm_lr": 1e-2, "warmup_steps": 5, "max_steps": 60,
+                     "precision": "fp32"},  # fp32: exact on every CPU (auto picks bf16 where the CPU has it)
+        "run": {"seeds": [1], **_CPU},
+    },
+    # every finetuning strategy, language models included, on the same (the test adds the plm paths)
+    "tiny_strategies": {
+        "id_model": TINY_DCNV2,
+        "plm": {"max_length": 64},
+        "finetune": {"strategy": "scratch", "epochs": 2, "batch_size": 128, "plm_epochs": 2, "plm_batch_size": 128,
+                     "lr": 3e-3, "plm_lr": 1e-3, "patience": 2, "eval_batch_size": 512, "l2_embedding": 1e-4,
+                     "precision": "fp32"},
+        "run": {"seeds": [3], **_CPU},
+    },
+    # a served scratch model: preprocess a synthetic log, train, package (tests/deploy)
+    "served": {
+        "data": {"dataset": "synthetic", "synthetic": {"rows": 3000, "fields": 6}},
+        "id_model": {"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2},
+        "finetune": {"strategy": "scratch", "epochs": 2, "batch_size": 256, "plm_batch_size": 256,
+                     "eval_batch_size": 512, "precision": "fp32"},
+        "run": {"seeds": [1, 2], "threads": 1, "progress": False},
+    },
+    # every DVC stage on 3,000 synthetic rows with a tiny BERT, in a few minutes (tests/pipeline; the test
+    # adds plm.name). Laid over the repository's params.yaml, not over PINNED: the pipeline as shipped.
+    "pipeline": {
+        "data": {"dataset": "synthetic", "synthetic": {"rows": 3000, "fields": 6}},
+        "id_model": {"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2},
+        "plm": {"max_length": 48},
+        "pretrain": {"batch_size": 64, "max_steps": 6, "warmup_steps": 0, "lr": 1e-3, "precision": "fp32"},
+        "finetune": {"epochs": 2, "train_rows": 400, "eval_rows": 150, "plm_epochs": 1, "plm_batch_size": 64,
+                     "eval_batch_size": 512},
+        "run": {"progress": False, "threads": 1},
+    },
+}
 
 
-def pinned_tree(tree: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``tree`` (a params.yaml-shaped dict) over :data:`TEST_DEFAULTS`, section by section."""
-    out = {section: dict(values) for section, values in TEST_DEFAULTS.items()}
-    for section, values in (tree or {}).items():
-        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+def layer(base: dict[str, Any], *trees: dict[str, Any] | None) -> dict[str, Any]:
+    """``trees`` over ``base`` (params.yaml-shaped dicts), key by key at every depth; a copy."""
+    out = json.loads(json.dumps(base))
+    for tree in trees:
+        for key, value in (tree or {}).items():
+            out[key] = layer(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+                else json.loads(json.dumps(value))
     return out
 
 
-def pinned_config(tree: dict[str, Any] | None = None):
-    """``config_from_dict(pinned_tree(tree))``."""
+def preset_tree(preset: str = "pinned", *trees: dict[str, Any] | None) -> dict[str, Any]:
+    """The test-config builder: :data:`PINNED`, then ``PRESETS[preset]``, then ``trees`` (the test's own)."""
+    base = {} if preset == "pipeline" else PINNED
+    return layer(base, PRESETS[preset], *trees)
+
+
+def preset_config(preset: str = "pinned", *trees: dict[str, Any] | None):
+    """``config_from_dict(preset_tree(preset, *trees))``."""
     from flip.config import config_from_dict
 
-    return config_from_dict(pinned_tree(tree))
+    return config_from_dict(preset_tree(preset, *trees))
 
 
-def pinned_overrides(*overrides: str) -> list[str]:
-    """``-S`` overrides for ``load_config(None, ...)``: :data:`TEST_DEFAULTS`, then ``overrides``."""
-    pinned = [f"{s}.{k}={json.dumps(v)}" for s, values in TEST_DEFAULTS.items() for k, v in values.items()]
-    return [*pinned, *overrides]
+def preset_overrides(*overrides: str, preset: str = "pinned") -> list[str]:
+    """``preset_tree(preset)`` as ``-S`` overrides (for ``load_config(None, ...)`` or the CLI), then ``overrides``."""
+    def flat(tree: dict[str, Any], prefix: str = "") -> list[str]:
+        return [item for k, v in tree.items()
+                for item in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={json.dumps(v)}"])]
+    return [*flat(preset_tree(preset)), *overrides]
 
 
 def ml1m_available() -> bool:

@@ -7,6 +7,6 @@ Only torch (+ pyarrow / safetensors, lazily) is imported: this runs on a bare GP
 
 from __future__ import annotations
 
-from flip.align.model import FlipPretrainModel, load_feature_counts, pretrain_batch
+from flip.align.model import AlignmentSpec, FlipPretrainModel, load_feature_counts, pretrain_batch
 
-__all__ = ["FlipPretrainModel", "load_feature_counts", "pretrain_batch"]
+__all__ = ["AlignmentSpec", "FlipPretrainModel", "load_feature_counts", "pretrain_batch"]

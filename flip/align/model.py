@@ -1,6 +1,6 @@
 """The FLIP modality-alignment pretraining module (paper §3.3): masking + encoders + MLM/MTM/ICL.
 
-    model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir))
+    model = FlipPretrainModel(id_model, plm, AlignmentSpec.of(cfg.pretrain), meta, load_feature_counts(dataset_dir))
     out = model(pretrain_batch(tab.x, tokens, idx, device), generator=g)
     out["loss"].backward()      # w_mlm·MLM + w_mtm·MTM + w_icl·ICL; out["mlm"], out["mtm_acc"], ... for logs
 
@@ -33,6 +33,7 @@ saved full state dict; or ``save_parts``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,34 @@ from flip.models.layers import HEAD_MODULES
 
 OBJECTIVES = ("mlm", "mtm", "icl")
 BATCH_KEYS = ("x", "input_ids", "attention_mask", "field_tok_start", "field_tok_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentSpec:
+    """What the pretraining module is: its masking, its objectives and their heads. These are keys of
+    ``pretrain`` in ``params.yaml`` (documented in ``flip.config.PretrainConfig``); the rest of that
+    section (rates, epochs, batch size, precision) is the optimiser's, which the module never sees."""
+
+    text_mask_ratio: float
+    tab_mask_ratio: float
+    same_fields: bool
+    field_level_masking: bool
+    joint_reconstruction: bool
+    mlm_weight: float
+    mtm_weight: float
+    icl_weight: float
+    nce_negatives: int
+    nce_noise: str
+    mtm_loss: str
+    temperature: float
+    similarity: str
+    icl_head: str
+    projection_dim: int
+
+    @classmethod
+    def of(cls, settings: Any) -> AlignmentSpec:
+        """The spec's keys of ``settings`` (a ``PretrainConfig``, or a spec)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 def load_feature_counts(dataset_dir: str | os.PathLike, vocab_size: int | None = None) -> torch.Tensor:
@@ -93,18 +122,19 @@ class FlipPretrainModel(nn.Module):
     """FLIP pretraining: ID model + PLM + the enabled objective heads (see the module docstring).
 
     ``id_model``: an ``IdModel`` (``.embedding``, ``.encode(x) -> (B, output_dim)``), ``plm``: a
-    ``PlmEncoder``, ``cfg``: ``PretrainConfig``, ``meta``: the dataset's ``meta.json`` dict
+    ``PlmEncoder``, ``spec``: an :class:`AlignmentSpec` (or a ``PretrainConfig``, of which the module
+    keeps the spec alone), ``meta``: the dataset's ``meta.json`` dict
     (``fields`` with ``offset``/``size``, ``vocab_size``, ``pad_id``, ``mask_id``),
     ``feature_counts``: (vocab_size,) training frequency of every global id (NCE noise).
     """
 
-    def __init__(self, id_model: nn.Module, plm: nn.Module, cfg: Any, meta: dict[str, Any],
+    def __init__(self, id_model: nn.Module, plm: nn.Module, spec: AlignmentSpec | Any, meta: dict[str, Any],
                  feature_counts: torch.Tensor | Any) -> None:
         super().__init__()
+        cfg = self.spec = AlignmentSpec.of(spec)
         weights = {name: float(getattr(cfg, f"{name}_weight")) for name in OBJECTIVES}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise SettingError(f"pretrain.mlm_weight, mtm_weight and icl_weight must be >= 0 and not all 0, got {weights}")
-        self.cfg = cfg
         self.weights = weights
         self.id_model = id_model
         self.plm = plm
@@ -138,7 +168,7 @@ class FlipPretrainModel(nn.Module):
     def mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Draw the masks of one batch: ``text_fields``/``tab_fields`` (B, F) bool,
         ``masked_ids``/``mlm_labels`` (B, L) and ``x_masked`` (B, F), for the enabled objectives."""
-        cfg = self.cfg
+        cfg = self.spec
         x = batch["x"]
         B, F = x.shape
         out: dict[str, torch.Tensor] = {}
@@ -263,7 +293,7 @@ class FlipPretrainModel(nn.Module):
             fwd += (2.0 * D_v * d + 4.0 * T * d) if model.mtm.joint else 0.0
             fwd += 2.0 * in_dim * F_ * H + masked_fields * 2.0 * (H * De + (1 + model.mtm.num_negatives) * De)
         if model.icl is not None:
-            p = int(model.cfg.projection_dim)
+            p = int(model.spec.projection_dim)
             fwd += 2.0 * p * (d + D_v) + 4.0 * batch_size * p
         return 3.0 * fwd
 
@@ -321,4 +351,4 @@ def keep_heads_only(run_dir: Path, result: Any = None) -> Any:
     return result
 
 
-__all__ = ["FlipPretrainModel", "keep_heads_only", "load_feature_counts", "pretrain_batch"]
+__all__ = ["AlignmentSpec", "FlipPretrainModel", "keep_heads_only", "load_feature_counts", "pretrain_batch"]

@@ -38,7 +38,7 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
     """Rebuild the pretraining module of a run directory and load its full weights."""
     from safetensors.torch import load_file
 
-    from flip.align.model import FlipPretrainModel, load_feature_counts
+    from flip.align.model import AlignmentSpec, FlipPretrainModel, load_feature_counts
     from flip.config import config_from_dict
     from flip.data.tensors import load_meta
     from flip.models import build_id_model
@@ -49,7 +49,8 @@ def _load_pretrained(pretrained: Path, dataset_dir: Path):
     cfg.plm.name = str(pretrained / "plm")
     plm, tokenizer = load_plm(cfg.plm)
     id_model = build_id_model(cfg.id_model, len(meta["fields"]), meta["vocab_size"])
-    model = FlipPretrainModel(id_model, plm, cfg.pretrain, meta, load_feature_counts(dataset_dir, meta["vocab_size"]))
+    model = FlipPretrainModel(id_model, plm, AlignmentSpec.of(cfg.pretrain), meta,
+                              load_feature_counts(dataset_dir, meta["vocab_size"]))
     # a retrain that reused an older pretraining: its vocabulary-sized tensors mapped onto this dataset's
     from flip.train.builders import pretrained_rows, remap_rows
 

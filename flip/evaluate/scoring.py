@@ -84,7 +84,7 @@ def run_settings(run: Path, seeds: dict[str, RunDir]) -> dict[str, Any]:
     strategy = STRATEGIES.get(Path(run).name)
     uses_plm, uses_id = (strategy.uses_plm, strategy.uses_id) if strategy else (False, True)
     return {"train_rows": first.train_rows(), "batch_size": first.batch_size(), "epochs_run": epochs,
-            "max_epochs": f.get("plm_epochs") or f.get("epochs") if uses_plm else f.get("epochs"),
+            "max_epochs": f.get("plm_epochs") if uses_plm else f.get("epochs"),
             "id_model": config.get("id_model", {}).get("name") if uses_id else None,
             "plm": config.get("plm", {}).get("name") if uses_plm else None,
             "pretrained": first.info().get("pretrained"), "selection": selection, "seeds": list(seeds)}

@@ -233,7 +233,7 @@ def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -
     model = PlmClassifier(plm).to(device)
     tokens = load_text_splits(cfg, data, tokenizer, device)
     return PlmTask(model, _plm_optimizer(cfg, model.parameters()), data, tokens, device,
-                   finetune_bf16(cfg, device), cfg.finetune.eval_batch_size)
+                   finetune_bf16(cfg, device))
 
 
 def build_flip_plm(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
@@ -264,5 +264,4 @@ def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Pat
     ]
     tokens = load_text_splits(cfg, data, tokenizer, device)
     return FlipTask(model, make_optimizer(groups, cfg.finetune), data, tokens, device,
-                    finetune_bf16(cfg, device), cfg.finetune.eval_batch_size,
-                    l2_embedding=cfg.finetune.l2_embedding)
+                    finetune_bf16(cfg, device), l2_embedding=cfg.finetune.l2_embedding)

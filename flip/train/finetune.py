@@ -38,13 +38,13 @@ __all__ = ["finetune", "loop_settings", "lr_candidates"]
 
 # ---------------------------------------------------------------------------------- entry point
 def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
-    """Epochs and batch size from ``finetune``; strategies with a language model use ``plm_epochs`` /
-    ``plm_batch_size`` where those are set (> 0)."""
+    """Epochs and batch size from ``finetune``: ``epochs`` / ``batch_size``, or ``plm_epochs`` /
+    ``plm_batch_size`` for the strategies with a language model."""
     f, r = cfg.finetune, cfg.run
     plm = get_strategy(f.strategy).uses_plm
     return LoopSettings(
-        epochs=(f.plm_epochs or f.epochs) if plm else f.epochs,
-        batch_size=(f.plm_batch_size or f.batch_size) if plm else f.batch_size,
+        epochs=f.plm_epochs if plm else f.epochs,
+        batch_size=f.plm_batch_size if plm else f.batch_size,
         eval_batch_size=f.eval_batch_size,
         patience=f.patience,
         checkpoint_every=r.checkpoint_every,
@@ -67,8 +67,7 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     and is scored on at most ``finetune.eval_rows`` validation and test rows (0 = all), so that
     strategies compare at equal data on the same rows.
 
-    Strategies with a language model run the first ``finetune.plm_seeds`` seeds of ``run.seeds``
-    (0 = all of them).
+    Strategies with a language model run the first ``finetune.plm_seeds`` seeds of ``run.seeds``.
 
     Learning-rate selection (when the grids give more than one candidate, see
     :func:`flip.train.selection.lr_candidates`): each candidate is trained with the first seed in
@@ -82,7 +81,7 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     from flip.models import check_model_name
 
     check_model_name(cfg.id_model.name)
-    if strategy.uses_plm and cfg.finetune.plm_seeds > 0:  # fewer seeds for the costly strategies
+    if strategy.uses_plm:  # fewer seeds for the costly strategies
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seeds=cfg.run.seeds[:cfg.finetune.plm_seeds]))
     dataset_dir = Path(dataset_dir)
     out_dir = Path(out_dir)

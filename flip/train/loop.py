@@ -115,6 +115,7 @@ class Task:
     slow_scoring: bool = False  # True: scoring a split says when it starts and ends (language models)
     ddp: nn.Module | None = None  # the DDP wrapper of ``model`` when the task trains on several ranks
     stat_names: tuple[str, ...] = ()  # the per-batch statistics ``loss`` returns, by name
+    max_eval_rows: int = 0  # the most rows one ``predict`` call may take (0 = any; a language model's memory)
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Scalar training loss of the training rows ``idx`` (a LongTensor on the device); with
@@ -188,13 +189,16 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def predict_probs(task: Task, split: str, eval_batch_size: int, device: torch.device) -> np.ndarray:
-    """Probabilities (float64) of every row of ``split``, in big contiguous batches."""
+    """Probabilities (float64) of every row of ``split``, in contiguous batches of ``eval_batch_size``
+    rows (``finetune.eval_batch_size``), or of the task's ``max_eval_rows`` where that is smaller: the
+    one place where a scoring batch is sized."""
     n = len(task.eval_sets[split])
+    rows = min(eval_batch_size, task.max_eval_rows) if task.max_eval_rows > 0 else eval_batch_size
     was_training = task.model.training
     task.model.eval()
     out = []
-    for start in range(0, n, eval_batch_size):
-        idx = torch.arange(start, min(n, start + eval_batch_size), device=device)
+    for start in range(0, n, rows):
+        idx = torch.arange(start, min(n, start + rows), device=device)
         out.append(task.predict(split, idx).float())
     task.model.train(was_training)
     logits = torch.cat(out) if out else torch.empty(0)

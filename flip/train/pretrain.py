@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flip.align.model import OBJECTIVES, FlipPretrainModel, load_feature_counts, pretrain_batch
+from flip.align.model import OBJECTIVES, AlignmentSpec, FlipPretrainModel, load_feature_counts, pretrain_batch
 from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
 from flip.data.tokens import TokenizedSplit, tokenize_split
@@ -176,19 +176,18 @@ class PretrainTask(Task):
         id_model.freeze_head()  # the prediction layer takes no part in pretraining
         if plm is None:
             plm, _ = load_plm(cfg.plm)
-        model = FlipPretrainModel(id_model, plm, pcfg, data.meta, data.counts).to(device)
+        model = FlipPretrainModel(id_model, plm, AlignmentSpec.of(pcfg), data.meta, data.counts).to(device)
         self.model = model
         self.n_train = len(data)
         self.eval_sets = {}
         self.bf16 = pretrain_bf16(cfg, device)
 
-        # one rate for everything (the paper), or the language model at pretrain.plm_lr (> 0) and the
-        # rest (ID model, the fresh MLM/MTM/ICL heads) at pretrain.lr
-        plm_ids = {id(p) for p in model.plm.parameters()} if pcfg.plm_lr > 0 else set()
-        params = [p for p in model.parameters() if p.requires_grad and id(p) not in plm_ids]
-        groups = [{"params": params}]
-        if plm_ids:
-            groups.append({"params": [p for p in model.plm.parameters() if p.requires_grad], "lr": pcfg.plm_lr})
+        # the language model at pretrain.plm_lr, the rest (ID model, the fresh MLM/MTM/ICL heads) at
+        # pretrain.lr (the paper's one rate: plm_lr = lr; Adam's update is per element, so two groups at
+        # one rate compute what one group does)
+        plm_ids = {id(p) for p in model.plm.parameters()}
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in plm_ids]},
+                  {"params": [p for p in model.plm.parameters() if p.requires_grad], "lr": pcfg.plm_lr}]
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
         self.optimizer = torch.optim.AdamW(groups, lr=pcfg.lr, weight_decay=pcfg.weight_decay, **fused)
         warmup, total = int(pcfg.warmup_steps), pretrain_total_steps(pcfg, self.n_train)

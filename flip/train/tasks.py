@@ -27,7 +27,8 @@ Tasks (what :func:`flip.train.loop.fit` trains)
     turn into extreme values).
     :class:`PlmTask`: a ``PlmClassifier`` on the tokenized splits, mean BCE. :class:`FlipTask`: a
     ``FlipModel``, Eq. 15 (three BCE terms) + the same lookup-L2. Text batches are trimmed to the
-    batch's longest row; scoring runs in chunks (``EVAL_CHUNK``) whatever ``eval_batch_size`` is.
+    batch's longest row; a text task scores at most ``EVAL_CHUNK`` rows per forward (its
+    ``max_eval_rows``, which caps ``finetune.eval_batch_size`` in ``flip.train.loop.predict_probs``).
 
 Only torch, numpy, pyarrow and the standard library are imported.
 """
@@ -241,7 +242,7 @@ class _TextTaskBase(Task):
     slow_scoring = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData,
-                 tokens: dict[str, TokenizedSplit], device: torch.device, bf16: bool, eval_batch_size: int) -> None:
+                 tokens: dict[str, TokenizedSplit], device: torch.device, bf16: bool) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = None
@@ -251,13 +252,13 @@ class _TextTaskBase(Task):
         self.bf16 = bf16
         self.n_train = len(data.train)
         self.eval_sets = data.eval_sets()
-        self.chunk = max(1, min(int(eval_batch_size), EVAL_CHUNK.get(device.type, 256)))
+        self.max_eval_rows = EVAL_CHUNK.get(device.type, 256)
 
     def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._logits(split, idx[i:i + self.chunk]).float() for i in range(0, len(idx), self.chunk)])
+        return self._logits(split, idx).float()
 
 
 class PlmTask(_TextTaskBase):

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import pinned_config
+from helpers import preset_config
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +18,7 @@ def served(tmp_path_factory):
     from flip.train.finetune import finetune
 
     root = tmp_path_factory.mktemp("deploy")
-    cfg = pinned_config({
-        "data": {"dataset": "synthetic", "synthetic": {"rows": 3000, "fields": 6}},
-        "id_model": {"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2},
-        "finetune": {"strategy": "scratch", "epochs": 2, "train_rows": 0, "eval_rows": 0, "lr_grid": [],
-                     "batch_size": 256, "eval_batch_size": 512, "precision": "fp32"},
-        "run": {"seeds": [1, 2], "threads": 1, "progress": False},
-    })
+    cfg = preset_config("served")
     data = root / "data"
     preprocess(cfg, root / "raw", data, progress=False)
     finetune(cfg, data, root / "run")

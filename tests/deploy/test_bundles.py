@@ -158,16 +158,15 @@ def plm_bundle(served, tiny_bert, tmp_path_factory):
     """A real bundle of a language-model strategy (plm_scratch, tiny BERT) on the served dataset."""
     from flip.deploy.package import package
     from flip.train.finetune import finetune
-    from helpers import pinned_config
+    from helpers import preset_config
 
     root = tmp_path_factory.mktemp("plm-bundle")
     bert = tiny_bert(served["data"], 200)
-    cfg = pinned_config({
-        "data": {"dataset": "synthetic"},
+    cfg = preset_config("served", {
         "plm": {"name": str(bert), "max_length": 48, "cache_dir": str(root / "tokens")},
-        "finetune": {"strategy": "plm_scratch", "epochs": 1, "plm_epochs": 1, "batch_size": 256, "plm_lr": 1e-3,
-                     "eval_batch_size": 512, "train_rows": 600, "eval_rows": 300, "precision": "fp32"},
-        "run": {"seeds": [1], "threads": 1, "progress": False, "device": "cpu"},
+        "finetune": {"strategy": "plm_scratch", "epochs": 1, "plm_epochs": 1, "plm_lr": 1e-3, "train_rows": 600,
+                     "eval_rows": 300},
+        "run": {"seeds": [1], "device": "cpu"},
     })
     finetune(cfg, served["data"], root / "run")
     package(root / "run", served["data"], root / "bundle")

@@ -19,7 +19,7 @@ import yaml
 from flip.config import RetrainConfig
 from flip.deploy.gate import decide, gate, overlap_reason
 from flip.deploy.registry import dir_md5
-from helpers import ROOT, pinned_config
+from helpers import ROOT, preset_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from registry_repo import ENV, env, make_registry_repo  # noqa: E402
@@ -62,13 +62,8 @@ def bundle(tmp_path_factory):
     from flip.train.finetune import finetune
 
     root = tmp_path_factory.mktemp("gate")
-    cfg = pinned_config({
-        "data": {"dataset": "synthetic", "synthetic": {"rows": 2000, "fields": 6}},
-        "id_model": {"embedding_dim": 8, "dnn_hidden_units": [16], "low_rank": 4, "num_experts": 2},
-        "finetune": {"strategy": "scratch", "epochs": 1, "train_rows": 0, "eval_rows": 0, "lr_grid": [],
-                     "batch_size": 256, "eval_batch_size": 512, "precision": "fp32"},
-        "run": {"seeds": [1], "threads": 1, "progress": False},
-    })
+    cfg = preset_config("served", {"data": {"synthetic": {"rows": 2000}}, "id_model": {"dnn_hidden_units": [16]},
+                                   "finetune": {"epochs": 1}, "run": {"seeds": [1]}})
     preprocess(cfg, root / "raw", root / "data", progress=False)
     finetune(cfg, root / "data", root / "run")
     package(root / "run", root / "data", root / "bundle")

@@ -43,15 +43,10 @@ def synthetic(params: dict) -> None:
 
 
 def tiny_profile(bert: Path):
-    """Every stage on 3,000 synthetic rows with a tiny BERT: the whole pipeline in a few minutes."""
+    """Every stage on 3,000 synthetic rows with a tiny BERT: the ``pipeline`` preset (tests/helpers.py)
+    laid over the repository's params.yaml."""
+    from helpers import PRESETS, layer
 
     def update(p: dict) -> None:
-        p["data"]["dataset"] = "synthetic"
-        p["data"]["synthetic"].update({"rows": 3000, "fields": 6})
-        p["id_model"].update({"embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4, "num_experts": 2})
-        p["plm"].update({"name": str(bert), "max_length": 48})
-        p["pretrain"].update({"batch_size": 64, "max_steps": 6, "warmup_steps": 0, "lr": 1e-3, "precision": "fp32"})
-        p["finetune"].update({"epochs": 2, "train_rows": 400, "eval_rows": 150, "plm_epochs": 1,
-                              "plm_batch_size": 64, "eval_batch_size": 512})
-        p["run"].update({"progress": False, "threads": 1})
+        p.update(layer(p, PRESETS["pipeline"], {"plm": {"name": str(bert)}}))
     return update

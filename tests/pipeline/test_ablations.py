@@ -4,7 +4,7 @@ analysis and the report on synthetic data; and their rows read back from ``dvc e
 from __future__ import annotations
 
 import pytest
-from helpers import pinned_tree
+from helpers import preset_tree
 from report_numbers import allowed_numbers, paper_numbers, read_sources, untraceable
 
 from flip.config import apply_override, config_from_dict, parse_override
@@ -19,8 +19,8 @@ def base_tree(data, bert, tokens) -> dict:
         "plm": {"name": str(bert), "max_length": 48, "cache_dir": str(tokens)},
         "pretrain": {"epochs": 1, "batch_size": 64, "max_steps": 3, "warmup_steps": 0, "train_rows": 0,
                      "precision": "fp32"},
-        "finetune": {"epochs": 1, "train_rows": 300, "eval_rows": 120, "lr_grid": [], "plm_batch_size": 64,
-                     "eval_batch_size": 512, "precision": "fp32"},
+        "finetune": {"epochs": 1, "train_rows": 300, "eval_rows": 120, "lr_grid": [], "plm_epochs": 1,
+                     "plm_batch_size": 64, "eval_batch_size": 512, "precision": "fp32"},
         "evaluate": {"pages": "none", "slices": 2, "drift_rows": 500},
         "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False},
     }
@@ -48,7 +48,7 @@ def test_every_table5_ablation_runs_end_to_end(synthetic, tmp_path, row):
     from flip.train.pretrain import pretrain
 
     root, data, bert = synthetic
-    tree = pinned_tree(base_tree(data, bert, root / "tokens"))
+    tree = preset_tree("pinned", base_tree(data, bert, root / "tokens"))
     for text in overrides(row):
         apply_override(tree, *parse_override(text))
     cfg = config_from_dict(tree)

@@ -20,7 +20,7 @@ from flip.evaluate.scoring import evaluate
 from flip.evaluate.drift import DRIFT_SEED, drift
 from flip.evaluate.report import report
 from flip.train.finetune import finetune
-from helpers import pinned_overrides
+from helpers import preset_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ SETTINGS = ["data.dataset=synthetic", "data.synthetic.rows=3000", "run.progress=
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drift-once")
-    cfg = load_config(None, pinned_overrides(*SETTINGS))
+    cfg = load_config(None, preset_overrides(*SETTINGS))
     data, reports = tmp / "processed", tmp / "reports"
     preprocess(cfg, tmp, data, progress=False)
     verdict = drift(cfg, data, reports / "drift")  # the drift stage: what the retrain flow decides on
@@ -76,7 +76,7 @@ def test_the_report_shows_the_drift_stages_verdict(run):
 
 def test_evaluate_refuses_a_drift_record_of_other_settings_or_none(run, tmp_path):
     cfg, data, reports, _ = run
-    other = load_config(None, pinned_overrides(*SETTINGS, "retrain.drift_share=0.9"))
+    other = load_config(None, preset_overrides(*SETTINGS, "retrain.drift_share=0.9"))
     with pytest.raises(FlipError, match=r"drift\.json was computed with other drift settings.*drift_share 0\.5 there, "
                                         r"0\.9 here.*flip drift"):
         evaluate(other, data, reports.parent / "runs", tmp_path / "reports", drift_dir=reports / "drift")

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from flip.config import load_config
-from helpers import pinned_overrides
+from helpers import preset_overrides
 from flip.data.preprocess import preprocess
 from flip.evaluate.scoring import evaluate
 from flip.evaluate.drift import drift
@@ -23,12 +23,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    cfg = load_config(None, pinned_overrides(*["data.dataset=synthetic", "data.synthetic.rows=4000", "run.progress=false",
+    cfg = load_config(None, preset_overrides(*["data.dataset=synthetic", "data.synthetic.rows=4000", "run.progress=false",
                              "finetune.epochs=2", "id_model.dnn_hidden_units=[32]", "evaluate.drift_rows=2000"]))
     data = tmp / "processed"
     preprocess(cfg, tmp, data, progress=False)
     for name, model, seeds in (("scratch", "dcnv2", "[1,2,3]"), ("flip_id", "deepfm", "[1,2]")):  # distinct predictions
-        finetune(load_config(None, pinned_overrides(*["data.dataset=synthetic", "run.progress=false", f"run.seeds={seeds}",
+        finetune(load_config(None, preset_overrides(*["data.dataset=synthetic", "run.progress=false", f"run.seeds={seeds}",
                                     "finetune.epochs=2", f"id_model.name={model}", "id_model.dnn_hidden_units=[32]",
                                     "finetune.lr_grid=[0.001,0.003]"])),
                  data, tmp / "runs" / name)

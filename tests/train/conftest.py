@@ -17,8 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flip.config import Config
-from helpers import pinned_config
+from helpers import preset_config
 
 FIELDS = [  # name, title, number of distinct values
     ("user_id", "User", 60),
@@ -92,21 +91,6 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
-def small_config(**sections) -> Config:
-    """A fast configuration: a small DCNv2, a few epochs, no progress bars, one thread (immune to
-    other processes competing for the cores; ``keep_torch_threads`` restores the count)."""
-    tree = {
-        "id_model": {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 32], "low_rank": 8,
-                     "num_experts": 2, "dropout": 0.1},
-        "finetune": {"strategy": "scratch", "epochs": 4, "batch_size": 256, "lr": 3e-3, "patience": 2,
-                     "eval_batch_size": 512, "l2_embedding": 1e-4, "precision": "fp32"},
-        "run": {"seeds": [7], "device": "cpu", "threads": 1, "progress": False},
-    }
-    for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
-    return pinned_config(tree)
-
-
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
     """``run.threads`` sets torch's process-wide thread count: restore it after every test."""
@@ -117,4 +101,5 @@ def keep_torch_threads():
 
 @pytest.fixture
 def make_config():
-    return small_config
+    """``make_config(finetune={...}, ...)``: the ``tiny_loop`` preset with the test's sections."""
+    return lambda **sections: preset_config("tiny_loop", sections)

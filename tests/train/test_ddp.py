@@ -33,10 +33,8 @@ import pytest
 import torch
 
 from flip.config import config_from_dict  # noqa: E402
-from helpers import pinned_tree  # noqa: E402
+from helpers import preset_tree  # noqa: E402
 
-ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
-            "low_rank": 4, "num_experts": 2}
 BATCHES = [[(7 * i + 3) % 1200 for i in range(25)], [(11 * i + 5) % 1200 for i in range(25)]]  # 12 / 13 rows
 CASES = {
     "mlm_mtm": {"icl_weight": 0.0},
@@ -53,12 +51,10 @@ def env(tmp_path_factory, synthetic_data, tiny_bert):
 
 def cfg_tree(env, **pretrain_values) -> dict:
     data, bert, tokens = env
-    return pinned_tree({
-        "id_model": ID_MODEL,
-        "plm": {"name": bert, "max_length": 64, "cache_dir": tokens},
-        "pretrain": {"epochs": 1, "batch_size": 25, "lr": 3e-3, "precision": "fp32", **pretrain_values},
-        "run": {"seeds": [5], "device": "cpu", "threads": 1, "progress": False},
-    })
+    return preset_tree("tiny_pretrain", {"plm": {"name": bert, "cache_dir": tokens},
+                                         "pretrain": {"epochs": 1, "batch_size": 25, "lr": 3e-3, "plm_lr": 3e-3,
+                                                      "warmup_steps": 0, "max_steps": 0, **pretrain_values},
+                                         "run": {"seeds": [5]}})
 
 
 def run_steps(tree: dict, data_dir: str) -> dict:

@@ -17,12 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from flip.config import PlmConfig  # noqa: E402
-from helpers import pinned_config, pinned_tree  # noqa: E402
+from helpers import preset_config, preset_tree  # noqa: E402
 from flip.train.callbacks import SimulatedCrash, crash_after  # noqa: E402
 from flip.train.pretrain import pretrain, pretrain_total_steps  # noqa: E402
 
-ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
-            "low_rank": 4, "num_experts": 2}
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +31,10 @@ def env(tmp_path_factory, synthetic_data, tiny_bert):
 
 
 def make_cfg(env, **pretrain_values):
-    data, bert, tokens = env
+    _, bert, tokens = env
     run = pretrain_values.pop("run", {})
-    tree = {
-        "id_model": ID_MODEL,
-        "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
-        # fp32: exact on every CPU (auto would pick bf16 where the CPU has it); bf16 has its own test
-        "pretrain": {"epochs": 100, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "max_steps": 60,
-                     "precision": "fp32", **pretrain_values},
-        "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False, **run},
-    }
-    return pinned_config(tree)
+    return preset_config("tiny_pretrain", {"plm": {"name": str(bert), "cache_dir": str(tokens)},
+                                           "pretrain": pretrain_values, "run": run})
 
 
 def records(out: Path, event: str) -> list[dict]:
@@ -203,7 +194,7 @@ def test_ablation_weights(env, tmp_path, weights, expected):
 
 
 def test_grad_accum_warmup_max_rows_and_bf16(env, tmp_path):
-    cfg = make_cfg(env, max_steps=3, grad_accum=2, warmup_steps=2, lr=1e-3, max_rows=500, precision="bf16")
+    cfg = make_cfg(env, max_steps=3, grad_accum=2, warmup_steps=2, lr=1e-3, plm_lr=1e-3, max_rows=500, precision="bf16")
     metrics = pretrain(cfg, env[0], tmp_path)
     assert metrics["steps"] == 3 and metrics["samples"] == 6 * 32 and metrics["rows"] == 500
     assert metrics["precision"] == "bf16" and metrics["grad_accum"] == 2
@@ -245,10 +236,24 @@ def test_plm_lr_gives_the_language_model_its_own_rate(env):
         return [(g["initial_lr"] if "initial_lr" in g else g["lr"], {id(p) in plm for p in g["params"]})
                 for g in task.optimizer.param_groups], sum(len(g["params"]) for g in task.optimizer.param_groups)
 
-    one, n_one = groups(make_cfg(env, lr=1e-3))  # the paper: one rate for every weight
-    assert one == [(1e-3, {True, False})]
+    one, n_one = groups(make_cfg(env, lr=1e-3, plm_lr=1e-3))  # the paper: one rate for every weight
+    assert one == [(1e-3, {False}), (1e-3, {True})]
     two, n_two = groups(make_cfg(env, lr=1e-3, plm_lr=2e-5))
     assert two == [(1e-3, {False}), (2e-5, {True})] and n_two == n_one
+    # two groups at one rate step exactly as one group: AdamW's update is per element
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)
+    twin = [p.detach().clone().requires_grad_() for p in [*a.parameters(), *b.parameters()]]
+    grads = [torch.randn_like(p) for p in twin]
+    opt_one = torch.optim.AdamW([*a.parameters(), *b.parameters()], lr=1e-3, weight_decay=1e-3, fused=True)
+    opt_two = torch.optim.AdamW([{"params": twin[:2]}, {"params": twin[2:], "lr": 1e-3}], lr=1e-3,
+                                weight_decay=1e-3, fused=True)
+    for _ in range(3):
+        for p, q, g in zip([*a.parameters(), *b.parameters()], twin, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_one.step()
+        opt_two.step()
+    assert all(torch.equal(p, q) for p, q in zip([*a.parameters(), *b.parameters()], twin))
 
 
 BLOCKED = ["pandas", "duckdb", "sklearn", "typer", "dvc", "prefect", "great_expectations", "evidently", "pandera",
@@ -262,10 +267,10 @@ def test_pretraining_and_flip_finetuning_run_with_torch_transformers_pyarrow_onl
     import textwrap
 
     data, bert, tokens = env
-    tree = pinned_tree({"id_model": ID_MODEL, "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
-                        "pretrain": {"batch_size": 32, "max_steps": 3},
-                        "finetune": {"epochs": 1, "batch_size": 256, "max_rows": 512},
-                        "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False}})
+    tree = preset_tree("tiny_strategies", {"plm": {"name": str(bert), "cache_dir": str(tokens)},
+                                           "pretrain": {"batch_size": 32, "max_steps": 3},
+                                           "finetune": {"epochs": 1, "batch_size": 256, "plm_epochs": 1,
+                                                        "plm_batch_size": 256, "max_rows": 512}})
     code = textwrap.dedent(f"""
         import importlib.abc, importlib.machinery, sys
         BLOCKED = {BLOCKED!r}

@@ -9,21 +9,20 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from flip.config import config_from_dict  # noqa: E402
-from helpers import pinned_config  # noqa: E402
+from helpers import preset_config  # noqa: E402
 from flip.errors import FlipError  # noqa: E402
 from flip.train import finetune, load_ctr_data  # noqa: E402
 from flip.train.callbacks import SimulatedCrash, crash_after  # noqa: E402
-from flip.train.loop import seed_everything  # noqa: E402
+from flip.train.loop import predict_probs, seed_everything  # noqa: E402
 from flip.train.pretrain import pretrain  # noqa: E402
 
-ID_MODEL = {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "dropout": 0.0, "cross_layers": 1,
-            "low_rank": 4, "num_experts": 2}
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +33,15 @@ def env(tmp_path_factory, synthetic_data, tiny_bert):
     bert = tiny_bert(data, 300)
     tokens = root / "tokens"
     pre = root / "pretrain"
-    pretrain(make_cfg((data, bert, tokens, pre), pretrain={"epochs": 1, "batch_size": 64, "lr": 5e-3, "max_steps": 8}),
+    pretrain(make_cfg((data, bert, tokens, pre), pretrain={"epochs": 1, "batch_size": 64, "lr": 5e-3, "plm_lr": 5e-3,
+                                                              "max_steps": 8}),
              data, pre)
     return data, bert, tokens, pre
 
 
 def make_cfg(env, **sections):
-    data, bert, tokens, _ = env
-    tree = {
-        "id_model": dict(ID_MODEL),
-        "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
-        "finetune": {"strategy": "scratch", "epochs": 2, "batch_size": 128, "lr": 3e-3, "plm_lr": 1e-3,
-                     "patience": 2, "eval_batch_size": 512, "l2_embedding": 1e-4, "precision": "fp32"},
-        "run": {"seeds": [3], "device": "cpu", "threads": 1, "progress": False},
-    }
-    for name, values in sections.items():
-        tree.setdefault(name, {}).update(values)
-    return pinned_config(tree)
+    _, bert, tokens, _ = env
+    return preset_config("tiny_strategies", {"plm": {"name": str(bert), "cache_dir": str(tokens)}}, sections)
 
 
 def strategy_cfg(env, strategy, **finetune_values):
@@ -127,16 +118,15 @@ def test_flip_loss_is_eq15_and_alpha_is_reported(env):
     assert [g["lr"] for g in groups] == [cfg.finetune.plm_lr, cfg.finetune.lr]
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.plm.parameters()}
     assert any(p is model.alpha for p in groups[1]["params"])
-    # chunked scoring = one pass
-    task.chunk = 7
-    chunked = task.predict("valid", torch.arange(30))
-    task.chunk = 1000
-    assert torch.allclose(chunked, task.predict("valid", torch.arange(30)), atol=1e-6)
+    # scoring in batches of the task's max_eval_rows (which caps eval_batch_size) = one pass
+    whole = predict_probs(task, "valid", 10_000, torch.device("cpu"))
+    task.max_eval_rows = 7
+    assert np.allclose(predict_probs(task, "valid", 10_000, torch.device("cpu")), whole, atol=1e-6)
 
 
 def test_flip_alpha_in_metrics(env, tmp_path):
     data, _, _, pre = env
-    metrics = finetune(strategy_cfg(env, "flip", epochs=1), data, tmp_path, pretrained=pre)
+    metrics = finetune(strategy_cfg(env, "flip", plm_epochs=1), data, tmp_path, pretrained=pre)
     assert metrics["alpha"] == pytest.approx(load_file(tmp_path / "model.safetensors")["alpha"].item())
     assert json.loads((tmp_path / "metrics.json").read_text())["alpha"] == metrics["alpha"]
 
