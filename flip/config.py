@@ -172,8 +172,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if not self.plm_lr > 0:
-            raise ConfigError(f"pretrain.plm_lr must be > 0, not {self.plm_lr!r} (the paper's one rate for "
-                              "everything: set it equal to pretrain.lr)")
+            raise ConfigError(f"pretrain.plm_lr must be > 0, not {self.plm_lr!r} (0 no longer means pretrain.lr). "
+                              "Fix: set pretrain.plm_lr in params.yaml or with -S; for the paper's one rate for "
+                              "everything, set it equal to pretrain.lr")
 
 
 @dataclass
@@ -211,7 +212,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         for key in ("plm_seeds", "plm_epochs", "plm_batch_size", "epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"finetune.{key} must be at least 1, not {getattr(self, key)!r}")
+                raise ConfigError(f"finetune.{key} must be at least 1, not {getattr(self, key)!r} (0 no longer "
+                                  "means another key's value). Fix: set it in params.yaml or with -S to the number "
+                                  "itself (e.g. finetune.plm_epochs = finetune.epochs)")
 
 
 @dataclass

@@ -36,3 +36,18 @@ def test_other_errors_are_not_taken_for_a_full_disk():
 
     with pytest.raises(KeyError):  # a bug stays a traceback for the developer, not a disk message
         broken()
+
+
+@pytest.mark.parametrize("override, key", [("finetune.plm_seeds=0", "finetune.plm_seeds"),
+                                           ("finetune.plm_epochs=0", "finetune.plm_epochs"),
+                                           ("finetune.plm_batch_size=0", "finetune.plm_batch_size"),
+                                           ("pretrain.plm_lr=0", "pretrain.plm_lr")])
+def test_a_zero_that_used_to_mean_another_key_is_refused_with_the_fix(tmp_path, override, key):
+    from typer.testing import CliRunner
+
+    from flip.cli import app
+    from helpers import assert_one_paragraph_failure
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["finetune", "-S", override, "--data", str(tmp_path), "--out", str(out)])
+    assert_one_paragraph_failure(result, out, key, "no longer means", "Fix:")
