@@ -101,6 +101,7 @@ def _parameter_digest(weights: dict[str, torch.Tensor], names: list[str]) -> str
     return h.hexdigest()
 
 
+@pytest.mark.slow  # ~30 s: four torch processes start
 def test_two_nodes_train_the_weights_of_one_process(grouped_data, tmp_path):
     from safetensors.torch import load_file
 
