@@ -17,7 +17,8 @@ and :func:`fit` trains it, reading top to bottom:
    re-drawn); batches are slices of it: no DataLoader, no per-sample Python. ``grad_accum`` batches make
    one optimizer step; a task that trains through ``DistributedDataParallel`` (``Task.ddp``) has its
    gradients all-reduced only by the batch that ends a step (``require_backward_grad_sync``, as
-   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps.
+   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps. :meth:`Task.start_epoch`
+   sees each epoch's permutation first (a task that reads its rows per epoch, :mod:`flip.train.sharding`).
 5. **Validation** after every epoch (when the task has a ``valid`` split), then the callbacks
    (:mod:`flip.train.callbacks`): the step and epoch log, early stopping on validation AUC (the best
    epoch's weights are kept), checkpoints.
@@ -25,6 +26,11 @@ and :func:`fit` trains it, reading top to bottom:
    and the outputs are written through :class:`flip.runs.RunDir` (predictions, the task's
    :meth:`Task.save_outputs` - ``model.safetensors`` by default -, ``config.json``, ``run.json``, and
    ``metrics.json`` last); the checkpoint is removed.
+
+**Several ranks** (an initialised ``torch.distributed`` group, e.g. under torchrun): rank 0 decides whether
+a run is finished and, with its validation scores, early stopping; every rank must resume from the same
+position, and at the end the ranks' parameters
+must hash alike (``run.json``: ``rank_weights``), else the run fails.
 
 ``flip.runs`` documents the layout of what a run leaves; several seeds and learning-rate selection are
 :mod:`flip.train.selection`.
@@ -444,6 +450,8 @@ def fit(
         valid = None
         if "valid" in task.eval_sets:
             valid = score(task, "valid", settings.eval_batch_size, f.device, announce)
+            if world > 1:  # rank 0's scores decide early stopping on every rank (GPU sums may differ in the last bit)
+                valid = _from_rank0(valid)
             record["valid_auc"], record["valid_logloss"] = valid[0]["auc"], valid[0]["logloss"]
         for cb in callbacks:
             cb.on_evaluate(f, record, valid)
