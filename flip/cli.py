@@ -160,6 +160,8 @@ def finetune(params: Params = Path("params.yaml"), set_: Overrides = None, out: 
     cfg = _config(params, set_)
     out = out or Path("models/finetune") / cfg.finetune.strategy
     metrics = run(cfg, data or cfg.data.processed_path, out, pretrained=pretrained)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     typer.echo(f"test AUC {metrics['test']['auc']:.4f}  logloss {metrics['test']['logloss']:.4f}  -> {out}")
 
 

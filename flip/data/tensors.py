@@ -79,6 +79,37 @@ def load_tabular(dataset_dir: str | Path, split: str) -> TabularSplit:
     return TabularSplit(x=x, y=y)
 
 
+def split_rows(dataset_dir: str | Path, split: str) -> int:
+    """Rows of ``split`` (from the Parquet footer: nothing else is read)."""
+    return int(pq.ParquetFile(Path(dataset_dir) / f"{split}.parquet").metadata.num_rows)
+
+
+def read_rows(dataset_dir: str | Path, split: str, positions: Any) -> TabularSplit:
+    """The rows at ``positions`` (sorted, unique positions in the file: a numpy int64 array) of ``split``,
+    in that order. Read one row group at a time, skipping the groups that hold none of them, so that
+    memory holds only those rows (and one row group): a rank's share of a split under torchrun."""
+    import numpy as np
+
+    meta = load_meta(dataset_dir)
+    names = field_names(meta)
+    pos = np.asarray(positions, dtype=np.int64)
+    pf = pq.ParquetFile(Path(dataset_dir) / f"{split}.parquet")
+    xs, ys, start = [], [], 0
+    for g in range(pf.metadata.num_row_groups):
+        end = start + pf.metadata.row_group(g).num_rows
+        lo, hi = np.searchsorted(pos, [start, end])
+        if hi > lo:
+            table = pf.read_row_group(g, columns=[*names, "label"]).take(pos[lo:hi] - start)
+            xs.append(np.stack([table.column(n).to_numpy().astype("int64") for n in names], axis=1))
+            ys.append(table.column("label").to_numpy().astype("float32"))
+        start = end
+    if len(pos) and (pos[0] < 0 or pos[-1] >= start):
+        raise IndexError(f"{dataset_dir}/{split}.parquet has {start} rows; asked for row {int(pos[-1])}")
+    x = np.concatenate(xs) if xs else np.zeros((0, len(names)), dtype="int64")
+    y = np.concatenate(ys) if ys else np.zeros(0, dtype="float32")
+    return TabularSplit(x=torch.from_numpy(x), y=torch.from_numpy(y))
+
+
 def load_text(dataset_dir: str | Path, split: str) -> tuple[list[str], list[list[int]], list[list[int]]]:
     """Texts and per-field character spans (start, end) of ``split``."""
     table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=["text", "span_start", "span_end"])

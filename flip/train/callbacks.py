@@ -89,7 +89,7 @@ class StepLog(Callback):
         if not (s.step % settings.log_every == 0 or s.step == fit.steps_per_epoch or fit.stop):
             return
         now = fit.clock()
-        mean = (self.loss / max(self.samples, 1)).item()  # the only sync
+        mean = (fit.task.reduce_loss(self.loss) / max(self.samples, 1)).item()  # the only sync
         record = {"epoch": s.epoch + 1, "step": s.step, "global_step": s.global_step, "loss": mean,
                   "samples_per_second": self.samples / max(now - self.t, 1e-9),
                   "lr": fit.task.optimizer.param_groups[0]["lr"]}

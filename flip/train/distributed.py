@@ -1,8 +1,9 @@
-"""Distributed pretraining: where a process stands in a (possibly trivial) torchrun process group, the
-few collectives pretraining needs, and how a global batch is shared out among the ranks.
+"""Training under torchrun: where a process stands in a (possibly trivial) process group and the few
+collectives training needs. How pretraining shares a global batch out among the ranks is
+:func:`flip.train.pretrain.rank_share` (below, its scheme); finetuning's is :mod:`flip.train.sharding`.
 
 The same command runs on one CPU, one GPU or N GPUs/nodes: ``torchrun --nproc-per-node N -m
-flip.cli pretrain ...``. When ``WORLD_SIZE > 1`` the process group is initialised (NCCL on
+flip.cli pretrain ...`` (or ``finetune``). When ``WORLD_SIZE > 1`` the process group is initialised (NCCL on
 CUDA, gloo on CPU or with ``run.device=cpu``), each rank uses ``cuda:LOCAL_RANK`` and the
 model is wrapped in DDP (``find_unused_parameters`` only when an ablation leaves an encoder
 unused). Every rank walks the same permutation; each global batch of ``batch_size`` rows is
@@ -37,10 +38,9 @@ from typing import Any
 
 import torch
 
-from flip.align.masking import IGNORE_INDEX
 from flip.train.loop import resolve_device
 
-__all__ = ["DistContext", "all_reduce_sum", "broadcast", "check_same_position", "init_distributed", "rank_share"]
+__all__ = ["DistContext", "all_reduce_sum", "broadcast", "check_same_position", "init_distributed"]
 
 
 @dataclass
@@ -115,69 +115,6 @@ def broadcast(obj: Any, ctx: DistContext) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def rank_share(model: Any, batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], ctx: DistContext):
-    """This rank's contiguous slice of a global batch and of its masks (``model.mask`` on the global
-    batch), trimmed to the slice's longest text; the scale of each objective's local loss
-    (``W * n_local / n_global``); and the NCE noise draws of the ranks before and after this one,
-    which the rank skips so that every rank's generator stays in step. Returns
-    ``(local, local_masks, scales, skip_before, skip_after)``."""
-    B, W = int(batch["x"].shape[0]), ctx.world
-    lo, hi = ctx.bounds(B)
-    empty = hi == lo
-    if empty:  # fewer rows than ranks (a tiny last batch): a stand-in row, nothing masked, weight 0
-        lo, hi = max(0, lo - 1), max(1, lo)
-    local = {k: v[lo:hi] for k, v in batch.items()}
-    local_masks = {k: v[lo:hi] for k, v in masks.items()}
-    if empty:
-        local_masks = _nothing_masked(local, local_masks)
-    width = int(local["attention_mask"].sum(dim=1).max())
-    for k in ("input_ids", "attention_mask"):
-        local[k] = local[k][:, :width]
-    for k in ("masked_ids", "mlm_labels"):
-        if k in local_masks:
-            local_masks[k] = local_masks[k][:, :width]
-    scales = _rank_scales(batch, masks, local_masks, B, hi - lo, W, empty)
-    skip_before = skip_after = 0
-    if model.mtm is not None and model.mtm.loss_type == "nce":
-        per_rank = [int(masks["tab_fields"][a:b].sum()) for a, b in (ctx.bounds(B, r) for r in range(W))]
-        K = model.mtm.num_negatives
-        skip_before = sum(per_rank[:ctx.rank]) * K
-        skip_after = sum(per_rank[ctx.rank + 1:]) * K
-    return local, local_masks, scales, skip_before, skip_after
-
-
-def _rank_scales(batch, masks, local_masks, B, rows, W, empty) -> dict[str, torch.Tensor]:
-    """``W * n_local / n_global`` per objective (0 for a padding-only rank)."""
-    scales: dict[str, torch.Tensor] = {}
-    dev = batch["x"].device
-
-    def ratio(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        if empty:
-            return torch.zeros((), device=dev)
-        return W * local.float() / total.float().clamp_min(1.0)
-
-    if "mlm_labels" in masks:
-        scales["mlm"] = ratio((local_masks["mlm_labels"] != IGNORE_INDEX).sum(), (masks["mlm_labels"] != IGNORE_INDEX).sum())
-    if "tab_fields" in masks:
-        scales["mtm"] = ratio(local_masks["tab_fields"].sum(), masks["tab_fields"].sum())
-    scales["icl"] = ratio(torch.tensor(rows, device=dev), torch.tensor(B, device=dev))
-    return scales
-
-
-def _nothing_masked(batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``masks`` of the rows of ``batch`` with nothing masked (a stand-in row that must not count)."""
-    out = dict(masks)
-    for key in ("text_fields", "tab_fields"):
-        if key in out:
-            out[key] = torch.zeros_like(out[key])
-    if "masked_ids" in out:
-        out["masked_ids"] = batch["input_ids"].clone()
-        out["mlm_labels"] = torch.full_like(out["mlm_labels"], IGNORE_INDEX)
-    if "x_masked" in out:
-        out["x_masked"] = batch["x"].clone()
-    return out
 
 
 def check_same_position(ctx: DistContext, position: list[int], device: torch.device) -> None:

@@ -10,6 +10,14 @@ the output layout). What identifies a run: ``flip.train.fingerprint`` (the confi
 reads, the dataset, the seed and :func:`flip.train.builders.strategy_fingerprint`: the weights the
 strategy starts from, so that a finished run is not reused after its inputs changed).
 
+Under torchrun (``WORLD_SIZE > 1``: ``torchrun --nproc-per-node N -m flip.cli finetune ...``) the
+ID-model strategies (``scratch``, ``flip_id``) train through DDP, each rank reading only its rows of
+the training split (:mod:`flip.train.sharding`): the global batch at every step is the single
+process's at the same ``finetune.batch_size``, so N ranks end with the weights of one process (within
+float rounding). Every rank scores valid and test itself (early stopping decides alike); only rank 0
+writes ``OUT``, rank ``r > 0`` works in ``OUT/.rank-r`` (removed at the end). The strategies with a
+language model run in one process.
+
 Adding a strategy: a builder ``build(cfg, data, device, pretrained) -> Task`` in
 ``flip.train.builders`` (``pretrained`` is the pretraining run directory, ``flip finetune
 --pretrained DIR``, or None) and its row in ``flip.strategy_table.STRATEGIES``; the loop is not touched.
@@ -27,9 +35,10 @@ import torch
 from flip.config import Config
 from flip.runs import RunDir
 from flip.strategy_table import get_strategy
-from flip.train.tasks import CtrData, finetune_bf16, load_ctr_data
+from flip.errors import SettingError
+from flip.train.tasks import CtrData, finetune_bf16, load_ctr_data, load_sharded_ctr_data
 from flip.train.fingerprint import dataset_fingerprint, run_fingerprint
-from flip.train.loop import LoopSettings, Task, fit, resolve_device, set_threads
+from flip.train.loop import LoopSettings, Task, fit, set_threads
 from flip.train.selection import adopt, candidate_name, lr_candidates, run_seeds, select_learning_rate
 from flip.train.builders import strategy_fingerprint
 
@@ -37,7 +46,7 @@ __all__ = ["finetune", "loop_settings", "lr_candidates"]
 
 
 # ---------------------------------------------------------------------------------- entry point
-def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
+def loop_settings(cfg: Config, device: torch.device, main: bool = True) -> LoopSettings:
     """Epochs and batch size from ``finetune``: ``epochs`` / ``batch_size``, or ``plm_epochs`` /
     ``plm_batch_size`` for the strategies with a language model."""
     f, r = cfg.finetune, cfg.run
@@ -48,7 +57,7 @@ def loop_settings(cfg: Config, device: torch.device) -> LoopSettings:
         eval_batch_size=f.eval_batch_size,
         patience=f.patience,
         checkpoint_every=r.checkpoint_every,
-        progress=r.progress,
+        progress=r.progress and main,
         device=str(device),
     )
 
@@ -83,23 +92,52 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     check_model_name(cfg.id_model.name)
     if strategy.uses_plm:  # fewer seeds for the costly strategies
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seeds=cfg.run.seeds[:cfg.finetune.plm_seeds]))
+    from flip.train.distributed import init_distributed
+
     dataset_dir = Path(dataset_dir)
-    out_dir = Path(out_dir)
     pretrained = Path(pretrained) if pretrained is not None else None
     set_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
+    ctx, device = init_distributed(cfg.run.device)
+    try:
+        if ctx.distributed and strategy.uses_plm:
+            raise SettingError(f"finetune.strategy={strategy.name} trains a language model, which runs in one "
+                               "process; under torchrun only the ID-model strategies (scratch, flip_id) train. "
+                               "Fix: run this strategy without torchrun")
+        out_dir = Path(out_dir) if ctx.is_main else Path(out_dir) / f".rank-{ctx.rank}"
+        result = _finetune(cfg, strategy, dataset_dir, out_dir, pretrained, ctx, device)
+        if not ctx.is_main:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return result
+    finally:
+        if ctx.owns_group:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _finetune(cfg: Config, strategy: Any, dataset_dir: Path, out_dir: Path, pretrained: Path | None, ctx: Any,
+              device: torch.device) -> dict[str, Any]:
+    """:func:`finetune` on this rank (``ctx``: :class:`flip.train.distributed.DistContext`)."""
     dataset_id = dataset_fingerprint(dataset_dir)
     cache: dict[str, CtrData] = {}
 
     def data() -> CtrData:  # loaded at most once, and only if some seed has work to do
         if "data" not in cache:
-            full = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows)
-            cache["data"] = full.subset(cfg.finetune.train_rows, cfg.finetune.eval_rows)
+            if ctx.distributed:  # each rank reads its rows of the training split, epoch by epoch
+                cache["data"] = load_sharded_ctr_data(dataset_dir, device, cfg.finetune, ctx)
+            else:
+                full = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows)
+                cache["data"] = full.subset(cfg.finetune.train_rows, cfg.finetune.eval_rows)
         return cache["data"]
 
     def fingerprint(cfg_s: Config, seed: int) -> str:
         identity = strategy_fingerprint(cfg_s, strategy, pretrained)
         extra = {"strategy": identity} if identity is not None else {}
+        if ctx.distributed:  # the same rows and batches, but not bit for bit the same sums
+            extra["world_size"] = ctx.world
         return run_fingerprint("finetune_plm" if strategy.uses_plm else "finetune", cfg_s, dataset_id, seed, extra)
 
     def build(cfg_s: Config, holdout_test: bool = False) -> Callable[[], Task]:
@@ -115,14 +153,15 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
         fp = fingerprint(cfg_s, seed)
         return fit(
             build(cfg_s, holdout_test),
-            loop_settings(cfg_s, device),
+            loop_settings(cfg_s, device, ctx.is_main),
             out,
             seed=seed,
             config=cfg_s.to_dict(),
             fingerprint=fp + ("-candidate" if holdout_test else ""),
             info={"stage": "finetune", "strategy": strategy.name, "dataset_dir": str(dataset_dir),
                   "precision": "bf16" if finetune_bf16(cfg_s, device) else "fp32",
-                  "pretrained": str(pretrained) if pretrained is not None else None},
+                  "pretrained": str(pretrained) if pretrained is not None else None,
+                  **({"world_size": ctx.world} if ctx.distributed else {})},
         )
 
     out = RunDir(out_dir)
@@ -140,7 +179,8 @@ def finetune(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, *,
     # the winner's run is the first seed's run: adopt it (its test split scored then, once)
     first_run = out if len(seeds) == 1 else out.seed_dir(first)
     cfg_first = _with(final, first)
-    if first_run.finished(fingerprint(cfg_first, first)) is None:
+    # (rank 0 alone: scoring needs no other rank, and the first seed's fit below follows rank 0's run)
+    if ctx.is_main and first_run.finished(fingerprint(cfg_first, first)) is None:
         adopt(out.candidate(candidate_name(selection["selected"], strategy)), first_run,
               fingerprint(cfg_first, first), build(cfg_first), loop_settings(cfg_first, device))
     return run_seeds(final, out_dir, run_one)

@@ -17,7 +17,8 @@ and :func:`fit` trains it, reading top to bottom:
    re-drawn); batches are slices of it: no DataLoader, no per-sample Python. ``grad_accum`` batches make
    one optimizer step; a task that trains through ``DistributedDataParallel`` (``Task.ddp``) has its
    gradients all-reduced only by the batch that ends a step (``require_backward_grad_sync``, as
-   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps.
+   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps. :meth:`Task.start_epoch`
+   sees each epoch's permutation first (a task that reads its rows per epoch, :mod:`flip.train.sharding`).
 5. **Validation** after every epoch (when the task has a ``valid`` split), then the callbacks
    (:mod:`flip.train.callbacks`): the step and epoch log, early stopping on validation AUC (the best
    epoch's weights are kept), checkpoints.
@@ -25,6 +26,11 @@ and :func:`fit` trains it, reading top to bottom:
    and the outputs are written through :class:`flip.runs.RunDir` (predictions, the task's
    :meth:`Task.save_outputs` - ``model.safetensors`` by default -, ``config.json``, ``run.json``, and
    ``metrics.json`` last); the checkpoint is removed.
+
+**Several ranks** (an initialised ``torch.distributed`` group, e.g. under torchrun): rank 0 decides whether
+a run is finished and, with its validation scores, early stopping; every rank must resume from the same
+position, and at the end the ranks' parameters
+must hash alike (``run.json``: ``rank_weights``), else the run fails.
 
 ``flip.runs`` documents the layout of what a run leaves; several seeds and learning-rate selection are
 :mod:`flip.train.selection`.
@@ -125,6 +131,15 @@ class Task:
     def reduce_stats(self, total: torch.Tensor) -> torch.Tensor:
         """Sum accumulated statistics over the ranks (one process: ``total`` itself)."""
         return total
+
+    def reduce_loss(self, total: torch.Tensor) -> torch.Tensor:
+        """The global sum of ``loss * rows`` from this rank's ``total`` (one process, or a task whose
+        ``loss`` already returns the global value: ``total`` itself)."""
+        return total
+
+    def start_epoch(self, perm: torch.Tensor, batch_size: int) -> None:
+        """Called with each epoch's permutation of the training rows before its first batch (and again
+        when a run resumes mid-epoch): a task that reads its rows per epoch reads them here."""
 
     def stat_fields(self, total: torch.Tensor, samples: int) -> dict[str, float | None]:
         """The mean of the statistics accumulated as ``sum(stats * rows)`` over ``samples`` rows (all
@@ -316,6 +331,7 @@ class Fit:
         s, settings = self.state, self.settings
         self.generator.set_state(s.gen_state)
         perm = torch.randperm(self.n_train, generator=self.generator).to(self.device)
+        self.task.start_epoch(perm, int(settings.batch_size))
         if s.step == 0:
             s.epoch_loss.zero_()
             s.epoch_samples = 0
@@ -370,7 +386,7 @@ class Fit:
         t_steps = self.clock() - t_epoch
         s.seconds["train"] += t_steps
         s.seconds["samples"] += self.samples_here
-        record = {"epoch": s.epoch + 1, "train_loss": (s.epoch_loss / max(s.epoch_samples, 1)).item(),
+        record = {"epoch": s.epoch + 1, "train_loss": (self.task.reduce_loss(s.epoch_loss) / max(s.epoch_samples, 1)).item(),
                   "samples_per_second": self.samples_here / max(t_steps, 1e-9)}
         s.history.append(record)
         return record
@@ -401,6 +417,9 @@ def fit(
     """
     run = RunDir(out_dir)
     done = run.finished(fingerprint)
+    world, rank = _process_group()
+    if world > 1:  # rank 0 decides for every rank (a rank r > 0 works in its own folder, which may be gone)
+        done = _from_rank0(done)
     if done is not None:
         note(f"{run.path}: a finished run with the same settings and data is there; reusing it", settings.progress)
         return done
@@ -410,6 +429,8 @@ def fit(
     seed_everything(seed)
     f = Fit.start(build_task(), settings, run, seed)
     checkpointer.restore(f)  # resuming: the model, optimizer, state, RNGs and log of the checkpoint
+    if world > 1:
+        _same_position(f)
     early_stopping = EarlyStopping(settings.patience)
     callbacks: list[Callback] = [StepLog(), EpochLog(), early_stopping, checkpointer, *installed_callbacks()]
     for cb in callbacks:
@@ -433,6 +454,8 @@ def fit(
         valid = None
         if "valid" in task.eval_sets:
             valid = score(task, "valid", settings.eval_batch_size, f.device, announce)
+            if world > 1:  # rank 0's scores decide early stopping on every rank (GPU sums may differ in the last bit)
+                valid = _from_rank0(valid)
             record["valid_auc"], record["valid_logloss"] = valid[0]["auc"], valid[0]["logloss"]
         for cb in callbacks:
             cb.on_evaluate(f, record, valid)
@@ -477,12 +500,64 @@ def finish(f: Fit, best_valid: tuple[dict[str, float], np.ndarray] | None, confi
     }
     metrics["params"] = count_parameters(task.model)
     metrics.update(task.summary())
+    ranks = _weights_agree(task.model, state.best_model)
     run_info = {"fingerprint": fingerprint, "seed": f.seed, "device": str(f.device), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **(info or {}), **task.run_summary()}
+                **(info or {}), **task.run_summary(), **ranks}
     metrics = task.save_outputs(run, state.best_model, metrics, run_info, f.log.records)
     run.write_config(config)
     run.write_info(run_info)
     run.finish(metrics)
     run.remove_checkpoint()
     return metrics
+
+
+# -------------------------------------------------------------------------------- several ranks
+def _process_group() -> tuple[int, int]:
+    """``(world size, rank)`` of an initialised ``torch.distributed`` group; ``(1, 0)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _from_rank0(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _same_position(f: Fit) -> None:
+    """Every rank must start from the same place (each resumes from its own checkpoint)."""
+    import torch.distributed as dist
+
+    s = f.state
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (s.epoch, s.step, s.global_step))
+    if len(set(every)) != 1:
+        raise RuntimeError(f"{f.run.path}: the ranks resumed from different checkpoints (epoch, batch, optimizer "
+                           f"steps per rank: {every}); delete OUT/checkpoint and OUT/.rank-*/ to start over")
+
+
+def _weights_agree(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """On several ranks: the SHA-256 of every rank's kept parameters (``run.json``'s ``rank_weights``),
+    which must be one and the same (DDP keeps the replicas equal; buffers such as batch-norm running
+    statistics stay per rank and are left out); nothing on one process."""
+    if _process_group()[0] == 1 or weights is None:
+        return {}
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for name in sorted(n for n, _ in model.named_parameters() if n in weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, h.hexdigest())
+    if len(set(every)) != 1:
+        raise RuntimeError(f"the ranks' weights differ at the end of training (SHA-256 per rank: {every})")
+    return {"rank_weights": every}

@@ -77,6 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flip.align.masking import IGNORE_INDEX
 from flip.align.model import OBJECTIVES, AlignmentSpec, FlipPretrainModel, load_feature_counts, pretrain_batch
 from flip.config import Config
 from flip.data.tensors import load_meta, load_tabular
@@ -84,14 +85,13 @@ from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import FlipError
 from flip.io import write_json
 from flip.runs import RunDir
-from flip.train.distributed import (DistContext, all_reduce_sum, broadcast, check_same_position, init_distributed,
-                                    rank_share)
+from flip.train.distributed import DistContext, all_reduce_sum, broadcast, check_same_position, init_distributed
 from flip.train.fingerprint import pretrain_fingerprint
 from flip.train.loop import LoopSettings, Task, fit, set_threads
 from flip.train.precision import autocast, use_bf16
 
 __all__ = ["PretrainData", "PretrainTask", "init_distributed", "load_pretrain_data", "pretrain", "pretrain_settings",
-           "pretrain_total_steps"]
+           "pretrain_total_steps", "rank_share"]
 
 # per-batch statistics of the task (the loop's step/epoch records, the final metrics), in this order
 STAT_KEYS = ("loss", "mlm", "mtm", "icl", "mlm_acc", "mtm_acc", "icl_acc", "mlm_tokens", "mtm_fields")
@@ -343,6 +343,70 @@ class PretrainTask(Task):
         self.recent = state["recent"].to(self.device)
         self.recent_count = int(state["recent_count"])
         self.token_sum = state["tokens"].to(self.device)
+
+
+# ------------------------------------------------------------- a global batch over the ranks
+def rank_share(model: Any, batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], ctx: DistContext):
+    """This rank's contiguous slice of a global batch and of its masks (``model.mask`` on the global
+    batch), trimmed to the slice's longest text; the scale of each objective's local loss
+    (``W * n_local / n_global``); and the NCE noise draws of the ranks before and after this one,
+    which the rank skips so that every rank's generator stays in step. Returns
+    ``(local, local_masks, scales, skip_before, skip_after)``."""
+    B, W = int(batch["x"].shape[0]), ctx.world
+    lo, hi = ctx.bounds(B)
+    empty = hi == lo
+    if empty:  # fewer rows than ranks (a tiny last batch): a stand-in row, nothing masked, weight 0
+        lo, hi = max(0, lo - 1), max(1, lo)
+    local = {k: v[lo:hi] for k, v in batch.items()}
+    local_masks = {k: v[lo:hi] for k, v in masks.items()}
+    if empty:
+        local_masks = _nothing_masked(local, local_masks)
+    width = int(local["attention_mask"].sum(dim=1).max())
+    for k in ("input_ids", "attention_mask"):
+        local[k] = local[k][:, :width]
+    for k in ("masked_ids", "mlm_labels"):
+        if k in local_masks:
+            local_masks[k] = local_masks[k][:, :width]
+    scales = _rank_scales(batch, masks, local_masks, B, hi - lo, W, empty)
+    skip_before = skip_after = 0
+    if model.mtm is not None and model.mtm.loss_type == "nce":
+        per_rank = [int(masks["tab_fields"][a:b].sum()) for a, b in (ctx.bounds(B, r) for r in range(W))]
+        K = model.mtm.num_negatives
+        skip_before = sum(per_rank[:ctx.rank]) * K
+        skip_after = sum(per_rank[ctx.rank + 1:]) * K
+    return local, local_masks, scales, skip_before, skip_after
+
+
+def _rank_scales(batch, masks, local_masks, B, rows, W, empty) -> dict[str, torch.Tensor]:
+    """``W * n_local / n_global`` per objective (0 for a padding-only rank)."""
+    scales: dict[str, torch.Tensor] = {}
+    dev = batch["x"].device
+
+    def ratio(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        if empty:
+            return torch.zeros((), device=dev)
+        return W * local.float() / total.float().clamp_min(1.0)
+
+    if "mlm_labels" in masks:
+        scales["mlm"] = ratio((local_masks["mlm_labels"] != IGNORE_INDEX).sum(), (masks["mlm_labels"] != IGNORE_INDEX).sum())
+    if "tab_fields" in masks:
+        scales["mtm"] = ratio(local_masks["tab_fields"].sum(), masks["tab_fields"].sum())
+    scales["icl"] = ratio(torch.tensor(rows, device=dev), torch.tensor(B, device=dev))
+    return scales
+
+
+def _nothing_masked(batch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``masks`` of the rows of ``batch`` with nothing masked (a stand-in row that must not count)."""
+    out = dict(masks)
+    for key in ("text_fields", "tab_fields"):
+        if key in out:
+            out[key] = torch.zeros_like(out[key])
+    if "masked_ids" in out:
+        out["masked_ids"] = batch["input_ids"].clone()
+        out["mlm_labels"] = torch.full_like(out["mlm_labels"], IGNORE_INDEX)
+    if "x_masked" in out:
+        out["x_masked"] = batch["x"].clone()
+    return out
 
 
 def _named(values: torch.Tensor) -> dict[str, float | None]:  # as Task.stat_fields, of reduced means

@@ -47,11 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from flip.config import Config, FinetuneConfig
-from flip.data.tensors import TabularSplit, load_meta, load_tabular
+from flip.data.tensors import TabularSplit, load_meta, load_tabular, split_rows
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import SettingError
+from flip.train.distributed import DistContext, all_reduce_sum
 from flip.train.loop import EvalSet, Task
 from flip.train.precision import autocast, use_bf16
+from flip.train.sharding import TrainShard
 
 __all__ = [
     "EVAL_CHUNK",
@@ -61,6 +63,7 @@ __all__ = [
     "TabularTask",
     "finetune_bf16",
     "load_ctr_data",
+    "load_sharded_ctr_data",
     "load_text_splits",
     "make_optimizer",
 ]
@@ -79,6 +82,8 @@ class CtrData:
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # ``row`` column of valid/test
     # positions of the kept rows in each split file (None = its first len(split) rows)
     positions: dict[str, np.ndarray | None] = field(default_factory=dict)
+    # under torchrun: this rank's rows of the training split, read per epoch (``splits["train"]`` is empty)
+    shard: TrainShard | None = None
 
     def subset(self, train_last: int = 0, eval_rows: int = 0) -> "CtrData":
         """The last ``train_last`` training rows (the most recent) and at most ``eval_rows`` rows of
@@ -102,7 +107,7 @@ class CtrData:
                 t, idx = self.splits[split], torch.from_numpy(pick)
                 splits[split] = TabularSplit(t.x[idx.to(t.x.device)], t.y[idx.to(t.y.device)])
                 rows[split] = self.rows[split][pick]
-        return CtrData(self.dataset_dir, self.meta, splits, rows, positions)
+        return CtrData(self.dataset_dir, self.meta, splits, rows, positions, self.shard)
 
     @property
     def num_fields(self) -> int:
@@ -120,14 +125,20 @@ class CtrData:
         return {s: EvalSet(y=self.splits[s].y, row=self.rows[s]) for s in ("valid", "test") if s in self.splits}
 
 
-def load_ctr_data(dataset_dir: str | Path, device: torch.device | str = "cpu", max_rows: int = 0) -> CtrData:
+def load_ctr_data(dataset_dir: str | Path, device: torch.device | str = "cpu", max_rows: int = 0,
+                  read_train: bool = True) -> CtrData:
     """Load train/valid/test of a processed dataset onto ``device``; ``max_rows > 0`` keeps the
-    first ``max_rows`` training rows (the time-earliest ones)."""
+    first ``max_rows`` training rows (the time-earliest ones). ``read_train=False``: the training
+    split is left empty (a :class:`~flip.train.sharding.TrainShard` reads it, :func:`load_sharded_ctr_data`)."""
     d = Path(dataset_dir)
     meta = load_meta(d)
     splits: dict[str, TabularSplit] = {}
     rows: dict[str, np.ndarray] = {}
     for split in ("train", "valid", "test"):
+        if split == "train" and not read_train:
+            splits[split] = TabularSplit(torch.zeros(0, len(meta["fields"]), dtype=torch.long, device=device),
+                                         torch.zeros(0, device=device))
+            continue
         tab = load_tabular(d, split)
         if split == "train":
             tab = tab.head(max_rows)
@@ -135,6 +146,20 @@ def load_ctr_data(dataset_dir: str | Path, device: torch.device | str = "cpu", m
             rows[split] = pq.read_table(d / f"{split}.parquet", columns=["row"]).column("row").to_numpy().astype(np.int64)
         splits[split] = tab.to(device)
     return CtrData(dataset_dir=d, meta=meta, splits=splits, rows=rows)
+
+
+def load_sharded_ctr_data(dataset_dir: str | Path, device: torch.device, fcfg: FinetuneConfig, ctx: DistContext) -> CtrData:
+    """Under torchrun: the valid/test rows every strategy is scored on (as ``load_ctr_data(...).subset``),
+    read whole by every rank, and the training rows of ``load_ctr_data(..., fcfg.max_rows).subset(
+    fcfg.train_rows)`` as a :class:`~flip.train.sharding.TrainShard`: each epoch this rank reads only its
+    share of them (:mod:`flip.train.sharding`)."""
+    d = Path(dataset_dir)
+    total = split_rows(d, "train")
+    m = min(fcfg.max_rows, total) if fcfg.max_rows > 0 else total
+    start = m - fcfg.train_rows if 0 < fcfg.train_rows < m else 0
+    data = load_ctr_data(d, device, read_train=False).subset(0, fcfg.eval_rows)
+    data.shard = TrainShard(d, start, m - start, ctx, torch.device(device))
+    return data
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -165,6 +190,11 @@ class TabularTask(Task):
 
     Used by ``scratch`` and by any strategy whose model maps (B, F) ids to logits (e.g. a FLIP
     ID tower loaded from pretraining).
+
+    Under torchrun (``data.shard`` set) the model trains through DDP and each rank computes its slice of
+    every global batch (:mod:`flip.train.sharding`); its loss is ``W / B * (sum of the slice's BCE +
+    l2_embedding * the slice's squared looked-up rows)``, so that DDP's gradient average is the gradient
+    of the single-process loss of the whole batch. Dropout and ``oov_dropout`` draw per rank.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData, l2_embedding: float = 0.0,
@@ -183,8 +213,16 @@ class TabularTask(Task):
         self.data = data
         self.l2_embedding = float(l2_embedding)
         self.train_x, self.train_y = data.train.x, data.train.y
-        self.n_train = len(data.train)
+        self.shard = data.shard
+        self.n_train = len(data.shard) if data.shard is not None else len(data.train)
         self.eval_sets = data.eval_sets()
+        if data.shard is not None and data.shard.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            dev = data.shard.device
+            self.ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+            # per-rank dropout streams (every rank was seeded alike; initialisation is done)
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * (1 + data.shard.ctx.rank))
         # The regulariser reuses the embedding output of the forward pass (captured by a hook) so
         # that the table gets one sparse-to-dense gradient per step, not two.
         self._looked_up: torch.Tensor | None = None
@@ -195,22 +233,37 @@ class TabularTask(Task):
         if self._looked_up is None and torch.is_grad_enabled():
             self._looked_up = output
 
+    def start_epoch(self, perm: torch.Tensor, batch_size: int) -> None:
+        if self.shard is not None:
+            self.shard.start_epoch(perm, batch_size)
+
+    def reduce_loss(self, total: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return total
+        return all_reduce_sum(total, self.shard.ctx) / self.shard.ctx.world
+
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.train_x.index_select(0, idx)
-        y = self.train_y.index_select(0, idx)
+        if self.shard is not None:
+            x, y, stand_in = self.shard.batch(idx)
+            weight = 0.0 if stand_in else self.shard.ctx.world / idx.shape[0]  # W / B: see the class docstring
+        else:
+            x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
         if self.oov_dropout > 0:  # each id -> its field's OOV id with this probability (global RNG)
             x = torch.where(torch.rand(x.shape, device=x.device) < self.oov_dropout, self.oov_ids, x)
         self._looked_up = None
+        module = self.ddp if self.ddp is not None else self.model
+        reduction = "mean" if self.shard is None else "sum"
         with autocast(self.device, self.bf16):  # bf16 matrix products; the loss itself is fp32
-            loss = F.binary_cross_entropy_with_logits(self.model(x).float(), y)
+            loss = F.binary_cross_entropy_with_logits(module(x).float(), y, reduction=reduction)
         if self.l2_embedding > 0:
             e = self._looked_up if self._looked_up is not None else self.model.embedding(x)
             self._looked_up = None
             # (B, F, d) rows this batch looked up: sum of squares (one dot product, the cheapest
             # form with autograd), averaged over the batch
             flat = e.reshape(-1)
-            loss = loss + (self.l2_embedding / x.shape[0]) * torch.dot(flat, flat)
-        return loss
+            l2 = torch.dot(flat, flat)
+            loss = loss + (self.l2_embedding / x.shape[0]) * l2 if self.shard is None else loss + self.l2_embedding * l2
+        return loss if self.shard is None else loss * weight
 
     def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         # always fp32: scoring is cheap for an ID model, and bf16 logits would create ties
