@@ -12,9 +12,9 @@ the rows a batch used; the rest of the model keeps the dense (fused) Adam/AdamW:
 :class:`LazyAdam` is ``torch.optim.SparseAdam`` (a row's moments and weights change only on the steps
 that use it; the bias correction counts every step) plus the weight decay the dense optimizer would apply,
 on the rows used only: L2 added to their gradient (``adam``) or decoupled shrinking (``adamw``), never a
-dense op. On the first step from a fresh state a used row moves exactly as under Adam (the moments
-start at zero); afterwards the two differ only in that dense Adam keeps moving unused rows by their
-momentum and decays them. :class:`SplitOptimizer` runs both optimizers as one (the loop, LR schedulers
+dense op. On the first step from a fresh state a used row moves as under Adam (the moments start at
+zero; SparseAdam adds eps to sqrt(v) before the bias correction, Adam after it, which matters only for
+gradients near eps); afterwards dense Adam also moves unused rows by their momentum and decays them. :class:`SplitOptimizer` runs both optimizers as one (the loop, LR schedulers
 and checkpoints see one optimizer; its state dict holds both).
 
 ``auto`` picks sparse above :data:`SPARSE_ABOVE` rows (``benchmarks/sparse_embeddings.py`` measures the
@@ -125,6 +125,8 @@ class SplitOptimizer(torch.optim.Optimizer):
             raise ValueError("not the state of a SplitOptimizer (dense and sparse): a checkpoint of dense updates?")
         self.dense.load_state_dict(state_dict["dense"])
         self.sparse.load_state_dict(state_dict["sparse"])
+        # loading gives the two new group dicts: share them again (an LR scheduler sets their lr here)
+        self.param_groups = [*self.dense.param_groups, *self.sparse.param_groups]
 
 
 def split_optimizer(groups: Iterable[dict[str, Any]], tables: list[nn.Parameter],
