@@ -14,8 +14,9 @@ that use it; the bias correction counts every step) plus the weight decay the de
 on the rows used only: L2 added to their gradient (``adam``) or decoupled shrinking (``adamw``), never a
 dense op. On the first step from a fresh state a used row moves as under Adam (the moments start at
 zero; SparseAdam adds eps to sqrt(v) before the bias correction, Adam after it, which matters only for
-gradients near eps); afterwards dense Adam also moves unused rows by their momentum and decays them. :class:`SplitOptimizer` runs both optimizers as one (the loop, LR schedulers
-and checkpoints see one optimizer; its state dict holds both).
+gradients near eps); afterwards dense Adam also moves unused rows by their momentum and decays them.
+:class:`SplitOptimizer` runs both optimizers as one (the loop, LR schedulers and checkpoints see one
+optimizer; its state dict holds both).
 
 ``auto`` picks sparse above :data:`SPARSE_ABOVE` rows (``benchmarks/sparse_embeddings.py`` measures the
 DCNv2 step both ways), and dense under DDP: its gradient all-reduce (NCCL) takes dense tensors only.
