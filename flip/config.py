@@ -124,6 +124,20 @@ class IdModelConfig:
     afn_ensemble_dnn: bool = False  # AFN+: a DNN beside the logarithmic network (same embedding table)
     # AFM
     afm_attention_dim: int = 16
+    # How the vocabulary tables (the embedding table, a first-order table, pretraining's MTM NCE scorer)
+    # are updated. dense: Adam/AdamW steps every row every step (momentum moves rows the batch did not
+    # use). sparse: the tables get row-sparse gradients and a lazy Adam (torch.optim.SparseAdam; the
+    # weight decay of adam/adamw applied to the rows used) updates only the rows a batch looked up; the
+    # rest of the model keeps the dense optimizer. A step then costs what the batch touches, not the
+    # vocabulary; lazy Adam is not Adam (a row's moments advance only when it is used), so results differ
+    # from dense. auto: sparse when the vocabulary has more than flip.train.sparse_updates.SPARSE_ABOVE
+    # rows (and one process: DDP all-reduces dense gradients only), else dense (MovieLens-1M: dense).
+    # A training setting, not part of the architecture: finetuning may differ from its pretraining run.
+    embedding_updates: str = "auto"  # auto | dense | sparse
+
+    def __post_init__(self) -> None:
+        if self.embedding_updates not in ("auto", "dense", "sparse"):
+            raise ConfigError(f"id_model.embedding_updates must be auto, dense or sparse, not {self.embedding_updates!r}")
 
 
 @dataclass

@@ -164,6 +164,14 @@ class FlipPretrainModel(nn.Module):
         self.register_buffer("special_ids", torch.tensor(list(plm.special_token_ids), dtype=torch.long),
                              persistent=False)
 
+    def use_sparse_gradients(self) -> list[nn.Parameter]:
+        """Row-sparse gradients for the vocabulary tables: the ID model's (``IdModel.use_sparse_gradients``)
+        and MTM's NCE scorer's (``MtmObjective.use_sparse_gradients``); returns the trainable ones."""
+        tables = self.id_model.use_sparse_gradients()
+        if self.mtm is not None:
+            tables += self.mtm.use_sparse_gradients()
+        return [t for t in tables if t.requires_grad]
+
     # ------------------------------------------------------------------------------- masking
     def mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Draw the masks of one batch: ``text_fields``/``tab_fields`` (B, F) bool,

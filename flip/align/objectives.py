@@ -59,6 +59,7 @@ from torch import nn
 
 from flip.align.masking import IGNORE_INDEX
 from flip.errors import SettingError
+from flip.models.layers import sparse_rows
 
 NOISE_FLOOR = 1e-10  # q(j) is clamped here (then renormalised): ids never seen in training
 
@@ -255,6 +256,18 @@ class MtmObjective(nn.Module):
         nn.init.uniform_(self.out_embedding.weight, -1.0 / math.sqrt(embed_dim), 1.0 / math.sqrt(embed_dim))
         self.out_bias = nn.Parameter(self.sampler.log_q.clone() + self.log_V)  # (V,)
         self.register_buffer("field_of_id", _field_of_id(V, field_ranges), persistent=False)
+        self.sparse = False  # use_sparse_gradients: the scorer's tables get row-sparse gradients
+
+    def use_sparse_gradients(self) -> list[nn.Parameter]:
+        """NCE: make the scorer's vocabulary tables (``out_embedding``, ``out_bias``) produce row-sparse
+        gradients - only the rows of a batch's targets and noise ids - and return them (they then need
+        a row-sparse optimizer, ``flip.train.sparse_updates``). The exact softmax scores every id of the
+        vocabulary, so its gradients are dense by nature: nothing changes and nothing is returned."""
+        if self.loss_type != "nce":
+            return []
+        self.sparse = True
+        self.out_embedding.sparse = True
+        return [self.out_embedding.weight, self.out_bias]
 
     def queries(self, v_hat: torch.Tensor, w: torch.Tensor | None, attention_mask: torch.Tensor | None,
                 rows: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
@@ -268,7 +281,8 @@ class MtmObjective(nn.Module):
 
     def score(self, c: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """s(j) = <c, E_out[j]> + b[j]: ``c`` (M, D_e), ``ids`` (M, C) -> (M, C)."""
-        return torch.einsum("md,mcd->mc", c, self.out_embedding(ids)) + self.out_bias[ids]
+        bias = sparse_rows(self.out_bias, ids) if self.sparse else self.out_bias[ids]
+        return torch.einsum("md,mcd->mc", c, self.out_embedding(ids)) + bias
 
     def forward(self, v_hat: torch.Tensor, w: torch.Tensor | None, attention_mask: torch.Tensor | None,
                 x: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -276,7 +290,10 @@ class MtmObjective(nn.Module):
         ``x`` (B, F) original ids, ``chosen`` (B, F) masked fields -> ``loss``, ``acc``, ``count``."""
         rows, fields = chosen.nonzero(as_tuple=True)  # (M,), (M,)
         if rows.numel() == 0:
-            zero = v_hat.sum() * 0.0 + sum(p.sum() for p in self.parameters()) * 0.0
+            # every parameter in the graph (DDP), except row-sparse tables: a dense zero gradient there
+            # would be a dense update over the vocabulary
+            skip = {id(self.out_embedding.weight), id(self.out_bias)} if self.sparse else set()
+            zero = v_hat.sum() * 0.0 + sum(p.sum() for p in self.parameters() if id(p) not in skip) * 0.0
             return {"loss": zero, "acc": zero.detach(), "count": rows.new_zeros(())}
         target = x[rows, fields]  # (M,)
         c = self.queries(v_hat, w, attention_mask, rows, fields).float()  # (M, D_e)

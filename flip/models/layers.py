@@ -111,6 +111,16 @@ class IdModel(nn.Module):
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
 
+    def use_sparse_gradients(self) -> list[nn.Parameter]:
+        """Make every vocabulary-sized table (``embedding``, and the first-order table where the model has
+        one) produce row-sparse gradients (``nn.Embedding(sparse=True)``: only the rows a batch looks up);
+        returns those tables, which then need a row-sparse optimizer (``flip.train.sparse_updates``).
+        The forward pass and the weights are unchanged."""
+        tables = [m for m in self.modules() if isinstance(m, nn.Embedding)]
+        for table in tables:
+            table.sparse = True
+        return [t.weight for t in tables]
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) ids -> (B, F, d): one lookup for all fields."""
         return self.embedding(x)
@@ -129,6 +139,27 @@ class IdModel(nn.Module):
         if self.first_order is not None:
             out = out + self.first_order(x)
         return out
+
+
+class _SparseRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.shape = weight.shape
+        ctx.save_for_backward(ids)
+        return weight[ids]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        values = grad.reshape(-1, *ctx.shape[1:])
+        return torch.sparse_coo_tensor(ids.reshape(1, -1), values, ctx.shape, check_invariants=False), None
+
+
+def sparse_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``weight[ids]`` (any shape of ``ids``) whose gradient with respect to ``weight`` is a sparse COO
+    tensor holding only the rows used: ``F.embedding(..., sparse=True)`` for a tensor that is not 2-D
+    (e.g. a (V,) bias over the vocabulary)."""
+    return _SparseRows.apply(weight, ids)
 
 
 # ------------------------------------------------------------------------------ generic blocks

@@ -2,7 +2,8 @@
 checkpoints), ``flip finetune`` (``finetune``: the entry point; ``tasks``: what the loop trains and on
 which data; ``builders``: one builder per row of ``flip.strategy_table``; ``selection``: seeds and
 learning-rate selection), ``flip pretrain`` (``pretrain``; ``without_alignment``: Table 5's row with no
-objective) and ``fingerprint`` (what identifies a run). What a run leaves on disk: ``flip.runs``."""
+objective), ``fingerprint`` (what identifies a run) and ``sparse_updates`` (row-sparse lazy-Adam updates
+of the vocabulary tables, ``id_model.embedding_updates``). What a run leaves on disk: ``flip.runs``."""
 
 from flip.strategy_table import Strategy, get_strategy
 from flip.train.callbacks import SimulatedCrash, crash_after

@@ -14,7 +14,9 @@ finetuning runs.
 ``scratch``
     An ID model from ``flip.models.build_id_model`` trained from random initialisation (the "w/o
     FLIP" baseline of the paper): ``TabularTask`` (BCE + lookup-L2 on embeddings), Adam (or AdamW
-    when ``finetune.optimizer == "adamw"``) with ``finetune.lr`` and ``finetune.weight_decay``.
+    when ``finetune.optimizer == "adamw"``) with ``finetune.lr`` and ``finetune.weight_decay``; the
+    vocabulary tables row-sparse under lazy Adam when ``id_model.embedding_updates`` says so
+    (:mod:`flip.train.sparse_updates`; also for ``flip_id`` and ``flip``).
 ``flip_id``
     The ID model with the pretrained ID tower (every weight except the prediction layer ``fc``
     and a first-order term, which pretraining never trains: they are fresh, i.e. a new
@@ -37,7 +39,7 @@ finetuning runs.
     and stored in ``model.safetensors`` (key ``alpha``).
 
 The ID-model configuration must equal the pretraining run's (else the weights would not fit): a
-mismatch is an error naming the keys.
+mismatch is an error naming the keys (except :data:`TRAINING_KEYS`, which say how it is trained).
 
 Only torch, safetensors, pyarrow and the standard library are imported (transformers lazily).
 """
@@ -69,6 +71,7 @@ from flip.train.tasks import (
 )
 from flip.train.fingerprint import plm_identity
 from flip.train.loop import Task
+from flip.train.sparse_updates import sparse_tables
 
 __all__ = [
     "build_flip",
@@ -99,13 +102,18 @@ def pretrained_dir(pretrained: str | Path | None, strategy: str) -> Path:
     return d
 
 
+# id_model keys that say how the model is trained, not what it is: finetuning may differ from pretraining
+TRAINING_KEYS = ("embedding_updates",)
+
+
 def _check_id_model(cfg: Config, pdir: Path, data: CtrData | None = None) -> torch.Tensor | None:
     """The ID-model settings must be the pretraining run's. Returns None when the feature vocabulary is
     the pretraining run's too, else the map from this dataset's ids to the run's embedding rows (a
     retrain that reuses the last pretraining on newer data: see :func:`vocabulary_map`)."""
     used = read_json(pdir / "config.json").get("id_model", {})
     mine = dataclasses.asdict(cfg.id_model)
-    diff = sorted(k for k in set(used) | set(mine) if used.get(k) != mine.get(k))
+    keys = (set(used) | set(mine)) - set(TRAINING_KEYS)
+    diff = sorted(k for k in keys if used.get(k) != mine.get(k))
     if diff:
         shown = ", ".join(f"id_model.{k}={used.get(k)!r} (here {mine.get(k)!r})" for k in diff)
         raise FlipError(f"the pretraining run {pdir} used other ID-model settings: {shown}. Fix: finetune with "
@@ -200,9 +208,14 @@ def build_scratch(cfg: Config, data: CtrData, device: torch.device, pretrained: 
     from flip.models import build_id_model
 
     model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size).to(device)
-    optimizer = make_optimizer(model.parameters(), cfg.finetune)
+    optimizer = make_optimizer(model.parameters(), cfg.finetune, _tables(cfg, data, model))
     return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding, bf16=finetune_bf16(cfg, device),
                        oov_dropout=cfg.finetune.oov_dropout)
+
+
+def _tables(cfg: Config, data: CtrData, model: nn.Module) -> list[nn.Parameter]:
+    """The ID model's tables that get row-sparse updates (``id_model.embedding_updates``), or none."""
+    return sparse_tables(cfg.id_model.embedding_updates, data.vocab_size, model)
 
 
 def _plm_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -224,7 +237,8 @@ def build_flip_id(cfg: Config, data: CtrData, device: torch.device, pretrained: 
     model = build_id_model(cfg.id_model, data.num_fields, data.vocab_size)
     load_pretrained_id_model(model, pdir, rows)
     model = model.to(device)
-    return TabularTask(model, make_optimizer(model.parameters(), cfg.finetune), data, cfg.finetune.l2_embedding,
+    optimizer = make_optimizer(model.parameters(), cfg.finetune, _tables(cfg, data, model))
+    return TabularTask(model, optimizer, data, cfg.finetune.l2_embedding,
                        bf16=finetune_bf16(cfg, device), oov_dropout=cfg.finetune.oov_dropout)
 
 
@@ -263,5 +277,6 @@ def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Pat
         {"params": [p for p in model.parameters() if id(p) not in plm_params]},
     ]
     tokens = load_text_splits(cfg, data, tokenizer, device)
-    return FlipTask(model, make_optimizer(groups, cfg.finetune), data, tokens, device,
-                    finetune_bf16(cfg, device), l2_embedding=cfg.finetune.l2_embedding)
+    optimizer = make_optimizer(groups, cfg.finetune, _tables(cfg, data, model.id_model))
+    return FlipTask(model, optimizer, data, tokens, device, finetune_bf16(cfg, device),
+                    l2_embedding=cfg.finetune.l2_embedding)

@@ -15,7 +15,10 @@ Optimisation
     grad_accum)`` capped by ``max_steps`` (stepped per optimizer step; the authors step a cosine
     per epoch). ``batch_size`` is the GLOBAL batch of one forward/backward (split over the ranks);
     ``grad_accum`` batches make one optimizer step. ``max_steps > 0`` stops after that many
-    optimizer steps (reduced CPU profile). The prediction layer of the ID model (``fc``, and a
+    optimizer steps (reduced CPU profile). With ``id_model.embedding_updates`` resolving to sparse
+    (:mod:`flip.train.sparse_updates`) the vocabulary tables - the ID embeddings and MTM's NCE scorer
+    (output embeddings and bias; noise ids are gathered, never scored over the vocabulary) - get
+    row-sparse gradients and a lazy AdamW-like step on the rows used. The prediction layer of the ID model (``fc``, and a
     first-order term where the model has one) takes no part in pretraining: it is frozen (the
     authors' code computes it and throws it away; finetuning puts a fresh head there).
 
@@ -89,6 +92,7 @@ from flip.train.distributed import DistContext, all_reduce_sum, broadcast, check
 from flip.train.fingerprint import pretrain_fingerprint
 from flip.train.loop import LoopSettings, Task, fit, set_threads
 from flip.train.precision import autocast, use_bf16
+from flip.train.sparse_updates import sparse_tables, split_optimizer
 
 __all__ = ["PretrainData", "PretrainTask", "init_distributed", "load_pretrain_data", "pretrain", "pretrain_settings",
            "pretrain_total_steps", "rank_share"]
@@ -189,7 +193,11 @@ class PretrainTask(Task):
         groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in plm_ids]},
                   {"params": [p for p in model.plm.parameters() if p.requires_grad], "lr": pcfg.plm_lr}]
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-        self.optimizer = torch.optim.AdamW(groups, lr=pcfg.lr, weight_decay=pcfg.weight_decay, **fused)
+        # id_model.embedding_updates: the vocabulary tables (ID embeddings, MTM's NCE scorer) row-sparse
+        tables = sparse_tables(cfg.id_model.embedding_updates, data.vocab_size, model, self.ctx.distributed)
+        self.optimizer = split_optimizer(
+            groups, tables, lambda g: torch.optim.AdamW(g, lr=pcfg.lr, weight_decay=pcfg.weight_decay, **fused),
+            lr=pcfg.lr, weight_decay=pcfg.weight_decay, decoupled=True)
         warmup, total = int(pcfg.warmup_steps), pretrain_total_steps(pcfg, self.n_train)
 
         def lr_factor(step: int) -> float:

@@ -6,7 +6,8 @@ Data
     (:meth:`CtrData.subset`); :func:`load_text_splits`: their tokenized text (``flip.data.tokens``'
     cache; the tokenizer of the language model used, ``plm.max_length``, ``plm.cache_dir``).
 Optimizer, precision
-    :func:`make_optimizer` (``finetune.optimizer``: Adam with L2 or AdamW, fused where it can be);
+    :func:`make_optimizer` (``finetune.optimizer``: Adam with L2 or AdamW, fused where it can be; with
+    ``id_model.embedding_updates`` the vocabulary tables row-sparse, :mod:`flip.train.sparse_updates`);
     :func:`finetune_bf16` (``finetune.precision``, :mod:`flip.train.precision`: the forward pass under
     bf16 autocast where asked; the loss, the weights and the optimizer stay fp32, and validation/test
     are always scored in fp32).
@@ -54,6 +55,7 @@ from flip.train.distributed import DistContext, all_reduce_sum
 from flip.train.loop import EvalSet, Task
 from flip.train.precision import autocast, use_bf16
 from flip.train.sharding import TrainShard
+from flip.train.sparse_updates import split_optimizer
 
 __all__ = [
     "EVAL_CHUNK",
@@ -163,11 +165,14 @@ def load_sharded_ctr_data(dataset_dir: str | Path, device: torch.device, fcfg: F
 
 
 # ------------------------------------------------------------------------------------ optimizer
-def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], fcfg: FinetuneConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], fcfg: FinetuneConfig,
+                   tables: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """Adam (``optimizer: adam``, L2 ``weight_decay`` added to the gradient) or AdamW (decoupled
     ``weight_decay``) with ``lr``. Parameter groups (e.g. a PLM at ``plm_lr``) pass through.
 
     On CPU the fused implementation is used (one kernel per step over all tensors, same math).
+    ``tables``: row-sparse tables (``flip.train.sparse_updates.sparse_tables``), stepped by a lazy Adam
+    with the same rate and weight decay (``flip.train.sparse_updates``); none: the dense optimizer alone.
     """
     params = [{**p, "params": list(p["params"])} if isinstance(p, dict) else p for p in params]
     tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
@@ -176,12 +181,15 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], fc
     if device is not None and device.type in ("cpu", "cuda"):
         kwargs["fused"] = True
     name = fcfg.optimizer.lower()
-    if name == "adam":
-        return torch.optim.Adam(params, **kwargs)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    raise SettingError(f"finetune.optimizer={fcfg.optimizer!r} is not supported; use adam or adamw. "
-                       "Fix: set finetune.optimizer in params.yaml")
+    if name not in ("adam", "adamw"):
+        raise SettingError(f"finetune.optimizer={fcfg.optimizer!r} is not supported; use adam or adamw. "
+                           "Fix: set finetune.optimizer in params.yaml")
+    dense = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    if not tables:
+        return dense(params, **kwargs)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    return split_optimizer(groups, tables, lambda g: dense(g, **kwargs), lr=fcfg.lr,
+                           weight_decay=fcfg.weight_decay, decoupled=name == "adamw")
 
 
 # ----------------------------------------------------------------------------------------- task
