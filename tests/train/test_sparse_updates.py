@@ -21,7 +21,7 @@ from flip.train.callbacks import SimulatedCrash, crash_after
 from flip.train.finetune import finetune
 from flip.train.sparse_updates import SPARSE_ABOVE, LazyAdam, SplitOptimizer, sparse_tables, use_sparse_updates
 from flip.train.tasks import load_ctr_data, make_optimizer
-from helpers import pinned_config
+from helpers import preset_config
 
 SMALL_ID = {"name": "dcnv2", "embedding_dim": 4, "dnn_hidden_units": [8], "dropout": 0.0, "cross_layers": 1,
             "low_rank": 2, "num_experts": 2}
@@ -191,12 +191,12 @@ def pretrain_env(tmp_path_factory, synthetic_data, tiny_bert):
 
 def pretrain_cfg(env, updates: str, run: dict | None = None, **pretrain):
     data, bert, tokens = env
-    return pinned_config({
+    return preset_config("tiny_pretrain", {
         "id_model": {**SMALL_ID, "embedding_updates": updates},
-        "plm": {"name": str(bert), "max_length": 64, "cache_dir": str(tokens)},
-        "pretrain": {"epochs": 1, "batch_size": 32, "lr": 1e-2, "warmup_steps": 0, "train_rows": 96,
-                     "weight_decay": 1e-2, "precision": "fp32", **pretrain},
-        "run": {"seeds": [1], "device": "cpu", "threads": 1, "progress": False, **(run or {})},
+        "plm": {"name": str(bert), "cache_dir": str(tokens)},
+        "pretrain": {"epochs": 1, "batch_size": 32, "lr": 1e-2, "plm_lr": 1e-2, "warmup_steps": 0, "max_steps": 0,
+                     "train_rows": 96, "weight_decay": 1e-2, **pretrain},
+        "run": run or {},
     })
 
 

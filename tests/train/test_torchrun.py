@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, pinned_tree
+from helpers import ROOT, preset_tree
 
 TREE = {
     "id_model": {"name": "dcnv2", "embedding_dim": 8, "dnn_hidden_units": [32, 16], "low_rank": 4,
@@ -109,7 +109,7 @@ def test_two_nodes_train_the_weights_of_one_process(grouped_data, tmp_path):
     from flip.models import build_id_model
     from flip.train.finetune import finetune
 
-    tree = pinned_tree(TREE)
+    tree = preset_tree("pinned", TREE)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tree), encoding="utf-8")
     torchrun = Path(sys.executable).parent / "torchrun"
