@@ -55,6 +55,17 @@ def positional(n: int) -> list[str]:
     return [f"c_{j}" for j in range(n)]
 
 
+def sample_sql(relation: str, rows: int, seed: int, key: str = "row") -> str:
+    """A query over ``relation`` (a table function or a view: SQL the caller built) that keeps its
+    ``rows`` rows of the smallest ``hash(key, seed)``, in ``key`` order: a seeded uniform sample that is
+    the same whatever the thread count, the scan order or whether the rows come from a Parquet file or
+    a DataFrame (a reservoir sample is not), in the memory of ``rows`` rows (DuckDB's top-N).
+    ``key`` is a unique integer column (the processed splits' ``row``)."""
+    key = safe_ident(key)
+    return (f"SELECT * FROM (SELECT * FROM {relation} ORDER BY hash({key}::BIGINT, {int(seed)}::BIGINT), {key} "
+            f"LIMIT {int(rows)}) ORDER BY {key}")
+
+
 # ----------------------------------------------------------------------------------------------- rules
 
 # parsed-expression classes a rule may use: comparisons, arithmetic, CASE, casts, constants, functions,
