@@ -137,8 +137,8 @@ def _sample(path: Path, columns: list[str], rows: int) -> Any:
     from flip.data.sql import locked_connection, quote_ident, sample_sql, sql_str
 
     cols = ", ".join(quote_ident(c) for c in ["row", *columns])
-    with locked_connection(read=[path], threads=1) as con:
-        df = con.sql(sample_sql(f"(SELECT {cols} FROM read_parquet({sql_str(path)}))", rows, GX_SAMPLE_SEED)).df()
+    with locked_connection(read=[path]) as con:
+        df = con.sql(sample_sql(f"read_parquet({sql_str(path)})", rows, GX_SAMPLE_SEED, cols)).df()
     return df.drop(columns="row")
 
 

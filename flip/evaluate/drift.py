@@ -38,7 +38,7 @@ def sample_frame(df: Any, max_rows: int, seed: int = DRIFT_SEED) -> Any:
         return df
     from flip.data.sql import locked_connection, sample_sql
 
-    with locked_connection(threads=1) as con:
+    with locked_connection() as con:
         con.register("frame", df)
         return con.sql(sample_sql("frame", max_rows, seed)).df()
 
@@ -53,11 +53,11 @@ def sampled_split(data_dir: Path, split: str, max_rows: int, seed: int = DRIFT_S
 
     meta = read_json(Path(data_dir) / "meta.json")
     source = f"read_parquet({sql_str(Path(data_dir) / f'{split}.parquet')})"
-    with locked_connection(read=[Path(data_dir)], threads=1) as con:
+    with locked_connection(read=[Path(data_dir)]) as con:
         rows, rate = con.sql(f"SELECT count(*), avg(label::DOUBLE) FROM {source}").fetchall()[0]
-        values = f"(SELECT {split_values_sql(meta)} FROM {source})"
-        frame = con.sql(sample_sql(values, max_rows, seed) if rows > max_rows
-                        else f"SELECT * FROM {values} ORDER BY row").df()
+        values = split_values_sql(meta)
+        frame = con.sql(sample_sql(source, max_rows, seed, values) if rows > max_rows
+                        else f"SELECT {values} FROM {source} ORDER BY row").df()
     return frame, int(rows), float(rate) if rate is not None else float("nan")
 
 
