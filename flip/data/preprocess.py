@@ -192,13 +192,18 @@ def preprocess(cfg: Config, raw_dir: Path, out_dir: Path, *, progress: bool = Tr
     return meta
 
 
+def split_values_sql(meta: dict[str, Any]) -> str:
+    """The select list of :func:`split_values` over a processed split's columns."""
+    cols = ", ".join(
+        f"substr(text, span_start[{k + 1}] + 1, span_end[{k + 1}] - span_start[{k + 1}]) AS {quote_ident(f['name'])}"
+        for k, f in enumerate(meta["fields"]))
+    return f"row, label::VARCHAR AS label, {cols}"
+
+
 def split_values(data_dir: Path, split: str) -> Any:
     """A processed split back as raw values (Arrow): ``row``, ``label`` and one VARCHAR column per field,
     each value cut from the row's text by its character span (what a model's vocabulary maps)."""
     meta = read_json(Path(data_dir) / "meta.json")
-    cols = ", ".join(
-        f"substr(text, span_start[{k + 1}] + 1, span_end[{k + 1}] - span_start[{k + 1}]) AS {quote_ident(f['name'])}"
-        for k, f in enumerate(meta["fields"]))
     with locked_connection(read=[Path(data_dir)]) as con:
-        return con.sql(f"SELECT row, label::VARCHAR AS label, {cols} FROM read_parquet($1) ORDER BY row",
+        return con.sql(f"SELECT {split_values_sql(meta)} FROM read_parquet($1) ORDER BY row",
                        params=[str(Path(data_dir) / f"{split}.parquet")]).to_arrow_table()

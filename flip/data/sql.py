@@ -55,6 +55,18 @@ def positional(n: int) -> list[str]:
     return [f"c_{j}" for j in range(n)]
 
 
+def sample_sql(source: str, rows: int, seed: int, columns: str = "*", key: str = "row") -> str:
+    """A query of ``columns`` over ``source`` (a table function or a view: SQL the caller built) that
+    keeps the ``rows`` rows of the smallest ``hash(key, seed)``, in ``key`` order: a seeded uniform
+    sample that is the same whatever the thread count, the scan order or whether the rows come from a
+    Parquet file or a DataFrame (a reservoir sample is not). The keys are chosen first (DuckDB's top-N
+    over the key column alone: the memory of ``rows`` keys), then only those rows' ``columns`` are
+    computed. ``key`` is a unique integer column (the processed splits' ``row``)."""
+    key = safe_ident(key)
+    return (f"SELECT {columns} FROM {source} WHERE {key} IN (SELECT {key} FROM {source} "
+            f"ORDER BY hash({key}::BIGINT, {int(seed)}::BIGINT), {key} LIMIT {int(rows)}) ORDER BY {key}")
+
+
 # ----------------------------------------------------------------------------------------------- rules
 
 # parsed-expression classes a rule may use: comparisons, arithmetic, CASE, casts, constants, functions,

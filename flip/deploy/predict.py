@@ -14,7 +14,17 @@ the training vocabulary (unseen values take their field's OOV id and are counted
 models with a language model, rendered as the same ``"<field> is <value>."`` text. Rows are scored in
 batches of ``batch_rows`` and written as they come (Parquet or CSV by the output's suffix), so memory
 stays bounded whatever the input size (a raw directory's time-order sort spills to disk beyond
-``preprocess.memory_limit``).
+``preprocess.memory_limit``):
+
+* the vocabularies live in DuckDB tables (one per field, under the DuckDB memory limit), and the values
+  of each chunk of :data:`MAP_ROWS` rows are mapped to ids by one join per field, never through a
+  Python dictionary of the whole vocabulary;
+* AUC and logloss keep at most :data:`METRIC_ROWS` labelled rows in memory (then they are exactly
+  :mod:`flip.metrics`'); beyond, the (label, prob) pairs spill to a Parquet file and DuckDB computes
+  both exactly, equal to the in-memory values up to float rounding (:class:`LabelledScores`);
+* a CSV line longer than ``max_line_bytes`` (default :data:`MAX_LINE_BYTES`, ``--max-line-bytes``), or a
+  Parquet value longer than it, is a :class:`~flip.errors.DataError` naming the file and row, before
+  any row is scored; DuckDB's reader is given the same limit, so a 1 GB line is never held in memory.
 """
 
 from __future__ import annotations
@@ -34,6 +44,11 @@ from flip.io import atomic_file
 
 TEXT_CHUNK = 256  # rows per language-model forward pass
 TRIM_EVERY = 8  # batches between returns of freed memory to the system (see _malloc_trim)
+# The longest CSV line (and Parquet field value) flip predict reads, in bytes (`--max-line-bytes`): a
+# click-log line is a few hundred bytes; 2 MiB is DuckDB's own default max_line_size.
+MAX_LINE_BYTES = 2 * 1024 * 1024
+MAP_ROWS = 1 << 18  # rows whose values are mapped to ids together (one DuckDB join per field and chunk)
+METRIC_ROWS = 1 << 22  # labelled rows kept in memory for AUC/logloss (36 MB); beyond, they spill to Parquet
 
 
 @dataclass
@@ -44,7 +59,7 @@ class ScoredBatch:
     oov: np.ndarray  # (F,) rows of this batch whose value of field k was unseen in training
 
 
-def _reader(paths: list[Path]) -> str:
+def _reader(paths: list[Path], max_line_bytes: int = MAX_LINE_BYTES) -> str:
     """The table function reading ``paths`` (each path a quoted SQL literal: a view cannot hold parameters)."""
     from flip.data.sql import sql_str
 
@@ -53,12 +68,43 @@ def _reader(paths: list[Path]) -> str:
     if suffixes <= {".parquet"}:
         return f"read_parquet({files})"
     if suffixes <= {".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz"}:
-        return f"read_csv({files}, all_varchar = true, header = true)"
+        return f"read_csv({files}, all_varchar = true, header = true, max_line_size = {int(max_line_bytes)})"
     raise DataError(f"cannot read files of type {', '.join(sorted(suffixes))}", file=str(paths[0]),
                     fix="give CSV (.csv, .tsv, .txt, optionally .gz) or Parquet files, all of one kind")
 
 
 OUTPUT_COLUMNS = ("prob", "label")  # written next to the id column
+
+
+def check_line_sizes(paths: list[Path], limit: int) -> None:
+    """Raise a :class:`DataError` naming the file and line of the first CSV line longer than ``limit``
+    bytes. One streaming pass in 1 MiB blocks (``.gz`` decompressed as it goes): memory stays at a
+    block whatever the line's length. DuckDB's own error for such a line depends on where it falls
+    (sniffing, a parallel scan) and quotes the line; this one is the same wherever it is."""
+    import gzip
+
+    import numpy as np
+
+    for path in paths:
+        if path.suffix == ".parquet":
+            continue
+        line, length = 1, 0  # the current line's number and its bytes so far
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            while block := f.read(1 << 20):
+                ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+                starts = np.concatenate(([0], ends + 1))
+                lengths = np.concatenate((ends, [len(block)])) - starts  # each piece, without its newline
+                lengths[0] += length
+                over = np.flatnonzero(lengths[:-1] > limit) if len(ends) else np.array([], dtype=np.int64)
+                if len(over) or lengths[-1] > limit:
+                    k = int(over[0]) if len(over) else len(lengths) - 1
+                    raise DataError(f"line {line + k:,} is longer than {limit:,} bytes (the longest line "
+                                    "flip predict reads), so the file cannot be read in bounded memory",
+                                    file=str(path), row=line + k - 1,
+                                    fix="repair or remove that line (a lost newline joins lines), or, if such "
+                                        "lines are real, raise the limit with --max-line-bytes")
+                line += len(ends)
+                length = int(lengths[-1])
 
 
 def _table_rows(con: Any, bundle: Bundle, relation: str, where: str, id_column: str) -> tuple[bool, str]:
@@ -144,29 +190,109 @@ def _features_sql(bundle: Bundle, has_id: bool, has_label: bool) -> str:
 
 
 class Vocabulary:
-    """The bundle's training vocabularies: each batch's values -> global ids (unseen -> the field's OOV id)."""
+    """The bundle's training vocabularies as DuckDB tables ``vocab_k`` (value, id), one per field, under
+    the connection's memory limit: a chunk's values -> global ids by a join (unseen -> the field's OOV
+    id). No Python dictionary of the vocabulary is built (a 3M-id one takes ~0.4 GB)."""
 
-    def __init__(self, bundle: Bundle) -> None:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(bundle.path / "vocab.parquet").to_pydict()
-        self.ids: dict[str, dict[str, int]] = {f["name"]: {} for f in bundle.fields}
-        for field, value, i in zip(table["field"], table["value"], table["id"]):
-            self.ids[field][value] = int(i)
+    def __init__(self, con: Any, bundle: Bundle) -> None:
         self.fields = bundle.fields
+        path = str(bundle.path / "vocab.parquet")
+        for k, f in enumerate(self.fields):
+            con.execute(f"CREATE TABLE vocab_{k} AS SELECT value, id::BIGINT AS id FROM read_parquet($1) "
+                        "WHERE field = $2", [path, f["name"]])
+            duplicated = con.execute(f"SELECT count(*) - count(DISTINCT value) FROM vocab_{k}").fetchall()[0][0]
+            if duplicated:
+                raise FlipError(f"{path}: field {f['name']!r} has {duplicated:,} duplicated value(s); the bundle "
+                                "is damaged. Fix: package the model again (flip package)")
+        self.con = con.cursor()  # (the scoring stream runs on ``con``; a cursor may query beside it)
 
-    def encode(self, batch: Any) -> np.ndarray:
-        """(B, F) int64 ids of a batch with the value columns ``v_0 … v_{F-1}`` (one dictionary
-        lookup per distinct value of the batch, then a vectorised take)."""
+    def encode(self, table: Any) -> np.ndarray:
+        """(B, F) int64 ids of a table with the value columns ``v_0 … v_{F-1}``: per field, the chunk's
+        distinct values are joined to the vocabulary in DuckDB (ordered by their position), then
+        spread over the rows with a vectorised take."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        out = np.empty((batch.num_rows, len(self.fields)), dtype=np.int64)
+        out = np.empty((table.num_rows, len(self.fields)), dtype=np.int64)
         for k, f in enumerate(self.fields):
-            enc = pc.dictionary_encode(batch.column(f"v_{k}"))
-            ids, oov = self.ids[f["name"]], int(f["oov_id"])
-            table = np.array([ids.get(v, oov) for v in enc.dictionary.to_pylist()] or [oov], dtype=np.int64)
-            out[:, k] = table[enc.indices.to_numpy(zero_copy_only=False)]
+            oov = int(f["oov_id"])
+            enc = pc.dictionary_encode(table.column(f"v_{k}").combine_chunks())
+            distinct = pa.table({"pos": pa.array(np.arange(len(enc.dictionary), dtype=np.int64)),
+                                 "value": enc.dictionary.cast(pa.string())})
+            self.con.register("distinct_values", distinct)
+            try:
+                ids = self.con.execute(f"SELECT coalesce(v.id, $1) AS id FROM distinct_values AS d LEFT JOIN "
+                                       f"vocab_{k} AS v ON d.value = v.value ORDER BY d.pos", [oov]).fetchnumpy()["id"]
+            finally:
+                self.con.unregister("distinct_values")
+            lookup = np.append(np.asarray(ids, dtype=np.int64), oov)  # a NULL value (index -1 after fill) -> OOV
+            out[:, k] = lookup[pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)]
         return out
+
+    def close(self) -> None:
+        self.con.close()
+
+
+class LabelledScores:
+    """AUC and logloss of a stream of (label, prob) batches in bounded memory.
+
+    Up to ``in_memory`` rows are kept as arrays and scored by :mod:`flip.metrics` (scikit-learn: the
+    numbers of every other stage). Beyond, every pair is written to ``folder/labelled.parquet`` and
+    DuckDB computes both over the file: AUC as the Mann-Whitney statistic over the distinct scores,
+    ``sum_s pos_s (2 neg_below_s + neg_s) / (2 P N)`` in exact integer (HUGEINT) counts with one final
+    division, and logloss as the mean of ``-log`` of the clipped probability (scikit-learn's clipping,
+    ``eps`` = float64 epsilon). Both equal the in-memory values up to float rounding (summation order;
+    below 1e-12 in the tests); the sort and grouping spill to disk beyond ``memory_limit``."""
+
+    def __init__(self, folder: Path, *, in_memory: int = METRIC_ROWS, memory_limit: str = "") -> None:
+        self.folder, self.in_memory, self.memory_limit = Path(folder), int(in_memory), memory_limit
+        self.labels: list[np.ndarray] = []
+        self.probs: list[np.ndarray] = []
+        self.rows, self.classes = 0, set()
+        self.writer: Any = None
+
+    def add(self, label: np.ndarray, prob: np.ndarray) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.rows += len(label)
+        self.classes.update(np.unique(label).tolist())
+        self.labels.append(label.astype(np.int8))
+        self.probs.append(np.asarray(prob, dtype=np.float64))
+        if self.writer is None and self.rows <= self.in_memory:
+            return
+        chunk = pa.table({"label": np.concatenate(self.labels), "prob": np.concatenate(self.probs)})
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(str(self.folder / "labelled.parquet"), chunk.schema)
+        self.writer.write_table(chunk)
+        self.labels, self.probs = [], []
+
+    def result(self) -> dict[str, float]:
+        """``{"auc", "logloss"}`` when both classes occur, else ``{}``."""
+        from flip.metrics import auc, logloss
+
+        if len(self.classes) < 2:
+            return {}
+        if self.writer is None:
+            y, p = np.concatenate(self.labels), np.concatenate(self.probs)
+            return {"auc": auc(y, p), "logloss": logloss(y, p)}
+        self.writer.close()
+        from flip.data.sql import locked_connection, sql_str
+
+        eps = float(np.finfo(np.float64).eps)
+        with locked_connection(read=[self.folder], write=[self.folder], temp_directory=self.folder / "spill",
+                               memory_limit=self.memory_limit, threads=1) as con:
+            con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({sql_str(self.folder / 'labelled.parquet')})")
+            numerator, positives, negatives = con.execute("""
+                WITH g AS (SELECT prob, count(*) FILTER (label = 1)::HUGEINT AS pos,
+                                  count(*) FILTER (label = 0)::HUGEINT AS neg FROM scores GROUP BY prob),
+                     c AS (SELECT pos, neg, coalesce(sum(neg) OVER (ORDER BY prob ROWS BETWEEN UNBOUNDED PRECEDING
+                                                                    AND 1 PRECEDING), 0) AS below FROM g)
+                SELECT sum(pos * (2 * below + neg)), sum(pos), sum(neg) FROM c""").fetchall()[0]
+            loss = con.execute("SELECT avg(CASE WHEN label = 1 THEN -ln(greatest(least(prob, 1 - $1), $1)) "
+                               "ELSE -ln(1 - greatest(least(prob, 1 - $1), $1)) END) FROM scores", [eps]).fetchall()[0][0]
+        return {"auc": int(numerator) / (2 * int(positives) * int(negatives)),  # (int / int: rounded once)
+                "logloss": float(loss)}
 
 
 def _score_batch(bundle: Bundle, batch: Any, ids: np.ndarray, device: torch.device) -> np.ndarray:
@@ -209,10 +335,26 @@ def _malloc_trim():
         return lambda *_: None
 
 
+def _check_value_sizes(batch: Any, fields: list[dict[str, Any]], position: int, where: str, limit: int) -> None:
+    """A value longer than ``limit`` bytes (a Parquet input has no line to bound): a DataError naming it."""
+    import pyarrow.compute as pc
+
+    for k, f in enumerate(fields):
+        lengths = pc.binary_length(batch.column(f"v_{k}"))
+        longest = pc.max(lengths).as_py()
+        if longest is not None and longest > limit:
+            j = int(np.argmax(lengths.to_numpy(zero_copy_only=False)))
+            raise DataError(f"a value of {longest:,} bytes, longer than {limit:,} (the longest flip predict reads)",
+                            file=where, row=position + j + 1, column=f["name"],
+                            fix="repair that row, or, if such values are real, raise the limit with --max-line-bytes")
+
+
 def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any = None, batch_rows: int = 8192,
-                 id_column: str = "", threads: int = 0) -> tuple[Iterator[ScoredBatch], str]:
+                 id_column: str = "", threads: int = 0, max_line_bytes: int = MAX_LINE_BYTES
+                 ) -> tuple[Iterator[ScoredBatch], str]:
     """Score ``inputs`` (files, or one raw directory) or an in-memory Arrow ``table``, batch by batch.
-    Returns the batches and the name of the id column."""
+    Returns the batches and the name of the id column. Lines and values longer than ``max_line_bytes``
+    are refused (:func:`check_line_sizes`; 0: :data:`MAX_LINE_BYTES`)."""
     import shutil
     import tempfile
 
@@ -221,20 +363,26 @@ def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any
     from flip.config import config_from_dict
     from flip.data.sql import locked_connection
 
+    max_line_bytes = int(max_line_bytes) or MAX_LINE_BYTES
+    if max_line_bytes < 0:
+        raise FlipError(f"--max-line-bytes {max_line_bytes}: give a positive number of bytes (or 0 for the default)")
     paths = [Path(p) for p in inputs or []]
     spill = tempfile.mkdtemp(prefix="flip-predict-")
-    try:  # it reads only the inputs and writes only its spill folder (the bundle and inputs are untrusted)
-        con = locked_connection(read=paths if table is None else [], write=[spill], temp_directory=spill,
+    vocab_file = bundle.path / "vocab.parquet"
+    try:  # it reads only the inputs and the vocabulary and writes only its spill folder (both are untrusted)
+        con = locked_connection(read=[*(paths if table is None else []), vocab_file], write=[spill],
+                                temp_directory=spill,
                                 memory_limit=config_from_dict(bundle.info["config"]).preprocess.memory_limit,
                                 memory_setting="the bundle's preprocess.memory_limit (model.json)",
                                 threads=threads)
     except BaseException:
         shutil.rmtree(spill, ignore_errors=True)
         raise
+    where = "(input table)"
     try:
         if table is not None:
             con.register("input_table", table)
-            has_label, id_name = _table_rows(con, bundle, "input_table", "(input table)", id_column)
+            has_label, id_name = _table_rows(con, bundle, "input_table", where, id_column)
         else:
             if not paths:
                 raise FlipError("no input given. Fix: flip predict --input FILE [--input FILE ...] --out FILE")
@@ -246,33 +394,67 @@ def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any
             if len(paths) == 1 and paths[0].is_dir():
                 has_label, id_name = _raw_rows(con, bundle, paths[0])
             else:
-                has_label, id_name = _table_rows(con, bundle, _reader(paths), str(paths[0]), id_column)
+                check_line_sizes(paths, max_line_bytes)
+                where = str(paths[0])
+                has_label, id_name = _table_rows(con, bundle, _reader(paths, max_line_bytes), where, id_column)
+        vocab = Vocabulary(con, bundle)
     except BaseException:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
         raise
     has_id = "_id" in con.sql("SELECT * FROM rows LIMIT 0").columns
     sql = _features_sql(bundle, has_id, has_label)
-    vocab = Vocabulary(bundle)
     oov_ids = np.array([f["oov_id"] for f in bundle.fields], dtype=np.int64)
     device = next(bundle.model.parameters()).device
+
+    def read() -> Iterator[tuple[int, Any]]:
+        import duckdb
+
+        try:
+            yield from enumerate(con.sql(sql).to_arrow_reader(batch_rows))
+        except duckdb.Error as exc:  # (a line the reader refuses: its message's first line names it)
+            raise DataError(f"cannot be read: {str(exc).splitlines()[0]}", file=where,
+                            fix="repair the file (a CSV with one header line and rows of one length each)") from None
+
+    def chunks() -> Iterator[tuple[int, Any, np.ndarray]]:
+        """The stream's batches (number, batch, ids), their values mapped :data:`MAP_ROWS` rows at a time."""
+        pending: list[tuple[int, Any]] = []
+        position = waiting = 0
+        for n, batch in read():
+            if batch.num_rows == 0:
+                continue
+            _check_value_sizes(batch, bundle.fields, position, where, max_line_bytes)
+            position += batch.num_rows
+            pending.append((n, batch))
+            waiting += batch.num_rows
+            if waiting >= MAP_ROWS:
+                yield from _mapped(pending)
+                pending, waiting = [], 0
+        yield from _mapped(pending)
+
+    def _mapped(pending: list[tuple[int, Any]]) -> Iterator[tuple[int, Any, np.ndarray]]:
+        if not pending:
+            return
+        ids = vocab.encode(pa.Table.from_batches([b for _, b in pending]))
+        lo = 0
+        for n, batch in pending:
+            yield n, batch, ids[lo: lo + batch.num_rows]
+            lo += batch.num_rows
 
     def batches() -> Iterator[ScoredBatch]:
         position = 0
         trim = _malloc_trim()
         try:
-            for n, batch in enumerate(con.sql(sql).to_arrow_reader(batch_rows)):
+            for n, batch, ids in chunks():
                 if n % TRIM_EVERY == 0:
                     trim(0)
-                if batch.num_rows == 0:
-                    continue
-                ids = vocab.encode(batch)
                 prob = _score_batch(bundle, batch, ids, device)
                 label = batch.column("label").to_numpy() if has_label else None
                 row_ids = batch.column("_id") if has_id else pa.array(np.arange(position, position + batch.num_rows))
                 position += batch.num_rows
                 yield ScoredBatch(row_ids, prob, label, (ids == oov_ids).sum(0))
         finally:
+            vocab.close()
             con.close()
             shutil.rmtree(spill, ignore_errors=True)
 
@@ -280,54 +462,59 @@ def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any
 
 
 def predict(model: Path, inputs: list[Path], out: Path, *, batch_rows: int = 8192, id_column: str = "",
-            threads: int = 0, progress: bool = True) -> dict[str, Any]:
+            threads: int = 0, progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, Any]:
     """Score ``inputs`` with the bundle in ``model``; write ``out`` (id, prob[, label]); return a summary
     (rows, rows/s, OOV counts per field, AUC and logloss where the input has labels)."""
+    import shutil
+    import tempfile
+
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from flip.metrics import auc, logloss
+    from flip.config import config_from_dict
 
     bundle = load_bundle(model)
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise FlipError(f"--out {out}: give a .parquet or .csv file name")
     started = time.perf_counter()
-    stream, id_name = score_stream(bundle, inputs, batch_rows=batch_rows, id_column=id_column, threads=threads)
+    stream, id_name = score_stream(bundle, inputs, batch_rows=batch_rows, id_column=id_column, threads=threads,
+                                   max_line_bytes=max_line_bytes)
     rows, oov = 0, np.zeros(len(bundle.fields), dtype=np.int64)
-    labels, probs = [], []
-    writer = None
-    with atomic_file(out) as tmp:
-        try:
-            for b in stream:
-                cols = {id_name: b.ids, "prob": pa.array(b.prob)}
-                if b.label is not None:
-                    cols["label"] = pa.array(b.label.astype(np.int8))
-                    labels.append(b.label.astype(np.int8))
-                    probs.append(b.prob)
-                chunk = pa.table(cols)
-                if writer is None:
-                    writer = (pq.ParquetWriter(str(tmp), chunk.schema) if out.suffix == ".parquet"
-                              else pacsv.CSVWriter(str(tmp), chunk.schema))
-                writer.write_table(chunk)
-                rows += len(b.prob)
-                oov += b.oov
-                if progress:
-                    print(f"[predict] {rows:,} rows scored ({rows / (time.perf_counter() - started):,.0f} rows/s)",
-                          flush=True)
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            raise DataError("no rows to score", file=str(inputs[0]), fix="give files with at least one data row")
-    seconds = time.perf_counter() - started
+    scratch = Path(tempfile.mkdtemp(prefix="flip-metrics-"))  # where the labelled scores spill, if they must
+    try:
+        labelled = LabelledScores(scratch, memory_limit=config_from_dict(bundle.info["config"]).preprocess.memory_limit)
+        writer = None
+        with atomic_file(out) as tmp:
+            try:
+                for b in stream:
+                    cols = {id_name: b.ids, "prob": pa.array(b.prob)}
+                    if b.label is not None:
+                        cols["label"] = pa.array(b.label.astype(np.int8))
+                        labelled.add(b.label, b.prob)
+                    chunk = pa.table(cols)
+                    if writer is None:
+                        writer = (pq.ParquetWriter(str(tmp), chunk.schema) if out.suffix == ".parquet"
+                                  else pacsv.CSVWriter(str(tmp), chunk.schema))
+                    writer.write_table(chunk)
+                    rows += len(b.prob)
+                    oov += b.oov
+                    if progress:
+                        print(f"[predict] {rows:,} rows scored ({rows / (time.perf_counter() - started):,.0f} "
+                              "rows/s)", flush=True)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                raise DataError("no rows to score", file=str(inputs[0]), fix="give files with at least one data row")
+        seconds = time.perf_counter() - started
+        quality = labelled.result()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     summary: dict[str, Any] = {
         "model": str(model), "artifact": bundle.info.get("artifact"), "strategy": bundle.info["strategy"],
         "rows": rows, "seconds": round(seconds, 3), "rows_per_second": rows / max(seconds, 1e-9),
         "oov_rows": {f["name"]: int(n) for f, n in zip(bundle.fields, oov)}, "out": str(out)}
-    if labels:
-        y, p = np.concatenate(labels), np.concatenate(probs)
-        if len(np.unique(y)) == 2:
-            summary.update(auc=auc(y, p), logloss=logloss(y, p))
+    summary.update(quality)
     return summary

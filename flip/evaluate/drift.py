@@ -10,7 +10,10 @@ The test window's data drift is computed once, by the ``drift`` stage (:func:`dr
 ``reports/drift/drift.json``): the retrain flow decides on it and the ``evaluate`` stage reads it
 (:func:`read_drift`) instead of computing it again. Every data-drift test (that one and evaluate's
 other windows) reads the splits' raw values and samples windows larger than ``evaluate.drift_rows``
-with the fixed seed :data:`DRIFT_SEED`, so one window always gets one verdict.
+with the fixed seed :data:`DRIFT_SEED`, so one window always gets one verdict. The sample is DuckDB's
+(:func:`flip.data.sql.sample_sql`: the rows of the smallest ``hash(row, seed)``), the same whether
+drawn from a split's Parquet file (the drift stage, which never loads a whole split: it reads the
+sample, and the exact row counts and positive rates, in DuckDB) or from a DataFrame (evaluate).
 Evidently is imported inside the functions (~6 s import).
 """
 
@@ -26,6 +29,36 @@ from flip.io import file_sha256
 # The sampling seed of every data-drift test (the drift stage's and evaluate's): fixed, not a run
 # seed, so that a window gets the same sample, hence the same verdict, wherever it is tested.
 DRIFT_SEED = 0
+
+
+def sample_frame(df: Any, max_rows: int, seed: int = DRIFT_SEED) -> Any:
+    """``df`` (with the processed splits' ``row`` column) sampled to ``max_rows`` rows when larger, by
+    the rule the drift stage applies to a split's file (:func:`flip.data.sql.sample_sql`)."""
+    if len(df) <= max_rows:
+        return df
+    from flip.data.sql import locked_connection, sample_sql
+
+    with locked_connection() as con:
+        con.register("frame", df)
+        return con.sql(sample_sql("frame", max_rows, seed)).df()
+
+
+def sampled_split(data_dir: Path, split: str, max_rows: int, seed: int = DRIFT_SEED) -> tuple[Any, int, float]:
+    """A processed split's raw values (:func:`flip.data.preprocess.split_values`) sampled in DuckDB to
+    ``max_rows`` rows (as :func:`sample_frame`), with the exact row count and positive rate of all its
+    rows: memory of ``max_rows`` rows, whatever the split's size."""
+    from flip.data.preprocess import split_values_sql
+    from flip.data.sql import locked_connection, sample_sql, sql_str
+    from flip.io import read_json
+
+    meta = read_json(Path(data_dir) / "meta.json")
+    source = f"read_parquet({sql_str(Path(data_dir) / f'{split}.parquet')})"
+    with locked_connection(read=[Path(data_dir)]) as con:
+        rows, rate = con.sql(f"SELECT count(*), avg(label::DOUBLE) FROM {source}").fetchall()[0]
+        values = split_values_sql(meta)
+        frame = con.sql(sample_sql(source, max_rows, seed, values) if rows > max_rows
+                        else f"SELECT {values} FROM {source} ORDER BY row").df()
+    return frame, int(rows), float(rate) if rate is not None else float("nan")
 
 
 def _windows(test: Any, slices: int) -> dict[str, Any]:
@@ -98,13 +131,16 @@ def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, sli
 
 def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *, drift_share: float,
                  target_drift: float, max_rows: int, seed: int = DRIFT_SEED, stem: str = "window_drift",
-                 html: bool = True) -> dict[str, Any]:
+                 html: bool = True, totals: dict[str, Any] | None = None) -> dict[str, Any]:
     """Data drift (attribute columns) and target drift (the label) of a window against the training
     data, with Evidently; the verdict says whether either crossed its threshold. ID-like columns are
     tested and listed but never counted, and the label is judged by its positive rate, not as a
     column. ``train`` and ``window`` hold the splits' raw values (:func:`flip.data.preprocess.split_values`);
-    each is sampled to ``max_rows`` rows (``seed``) when larger. Writes ``<stem>.json`` (and
-    ``<stem>.html`` with ``html``) into ``out_dir``; the record keeps the settings it was computed with."""
+    each is sampled to ``max_rows`` rows (``seed``, :func:`sample_frame`) when larger. ``totals``: when
+    ``train`` and ``window`` are such samples already (:func:`sampled_split`), the row counts and
+    positive rates of the whole splits (``reference_rows``, ``window_rows``, ``rate_train``,
+    ``rate_window``). Writes ``<stem>.json`` (and ``<stem>.html`` with ``html``) into ``out_dir``; the
+    record keeps the settings it was computed with."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -117,8 +153,7 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
     definition = DataDefinition(categorical_columns=columns)
 
     def prep(df: Any) -> Any:
-        df = df[columns].astype(str)
-        return df.sample(n=max_rows, random_state=seed) if len(df) > max_rows else df
+        return sample_frame(df, max_rows, seed)[columns].astype(str)
 
     with np.errstate(divide="ignore"):  # chi-square of a value absent from a small window: p-value 0, not an error
         snap = Report([DataDriftPreset(columns=columns)]).run(
@@ -143,7 +178,11 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
 
     drifted_attr = [c for c in attributes if drifted(c)]
     share = len(drifted_attr) / len(attributes) if attributes else 0.0
-    rate_train, rate_window = float(train["label"].astype(float).mean()), float(window["label"].astype(float).mean())
+    if totals is None:
+        totals = {"reference_rows": len(train), "window_rows": len(window),
+                  "rate_train": float(train["label"].astype(float).mean()),
+                  "rate_window": float(window["label"].astype(float).mean())}
+    rate_train, rate_window = totals["rate_train"], totals["rate_window"]
     reasons = []
     if attributes and share >= drift_share:
         reasons.append(f"{len(drifted_attr)} of {len(attributes)} attribute columns drifted "
@@ -152,7 +191,7 @@ def window_drift(train: Any, window: Any, meta: dict[str, Any], out_dir: Path, *
         reasons.append(f"the positive rate moved from {rate_train:.3f} (training) to {rate_window:.3f} "
                        f"(retrain.target_drift={target_drift:g})")
     return {
-        "reference_rows": int(len(train)), "window_rows": int(len(window)),
+        "reference_rows": int(totals["reference_rows"]), "window_rows": int(totals["window_rows"]),
         "attributes": attributes, "id_like": ids,
         "drifted_attributes": drifted_attr, "drifted_share": share,
         "id_like_drifted": [c for c in ids if drifted(c)],
@@ -178,17 +217,18 @@ def drift(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The newest window (test split) against the training split: ``OUT/drift.json`` + Evidently page.
     The verdict is applied by the retrain flow (``retrain.drift_policy``: warn or stop; the policy is
     the flow's, not recorded here, so that this record depends only on what computed it)."""
-    from flip.data.preprocess import split_values
     from flip.io import atomic_dir, read_json, write_json
 
     meta = read_json(Path(data_dir) / "meta.json")
-    train = split_values(data_dir, "train").to_pandas()
-    window = split_values(data_dir, "test").to_pandas()
     settings = drift_settings(cfg)
+    train, train_rows, rate_train = sampled_split(data_dir, "train", settings["max_rows"], settings["seed"])
+    window, window_rows, rate_window = sampled_split(data_dir, "test", settings["max_rows"], settings["seed"])
+    totals = {"reference_rows": train_rows, "window_rows": window_rows, "rate_train": rate_train,
+              "rate_window": rate_window}
     with atomic_dir(out_dir, "drift", ("drift.json", "window_drift.html", "window_drift.json")) as tmp:
         result = window_drift(train, window, meta, tmp, drift_share=settings["drift_share"],
                               target_drift=settings["target_drift"], max_rows=settings["max_rows"],
-                              seed=settings["seed"])
+                              seed=settings["seed"], totals=totals)
         result["window_time_range"] = meta.get("time_range", {}).get("test")
         result["meta_sha256"] = file_sha256(Path(data_dir) / "meta.json")
         write_json(tmp / "drift.json", result)

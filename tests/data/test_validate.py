@@ -140,3 +140,35 @@ def test_attribute_values_unseen_in_training_fail_the_window_check(processed, tm
         t.schema.get_field_index("gender"), "gender", pa.array([oov["gender"]] * cut + gender[cut:], pa.int32())))
     with pytest.raises(DataError, match=r"test: expect_column_values_to_not_be_in_set\(gender\)"):
         validate(cfg, out, tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_a_split_above_the_sample_bound_is_checked_exactly_and_sampled_for_great_expectations(
+        processed, tmp_path, monkeypatch):
+    """Splits above GX_SAMPLE_ROWS: Great Expectations sees a seeded sample (Data Docs), and the same
+    expectations over all rows in DuckDB decide: one 1970 timestamp (the first of 1,600 rows) fails the stage
+    whether or not the sample holds it."""
+    import flip.data.validate as validate_module
+    from flip.data.validate import exact_checks, validate
+
+    cfg, out = processed
+    monkeypatch.setattr(validate_module, "GX_SAMPLE_ROWS", 300)
+    result = validate(cfg, out, tmp_path / "ok")
+    assert result["success"] and not result["failures"]
+    q = result["quality"]
+    assert q["train_quality"]["sample_rows"] == 300 and q["train_exact"] == {"success": True, "failed": [],
+                                                                             "rows": 1600}
+    assert (tmp_path / "ok" / "gx_docs" / "index.html").exists()
+
+    meta = load_meta(out)
+    band = validate_module.time_band(out)
+    assert exact_checks(out / "train.parquet", meta, cfg, "train", band, expected=1601)[2] == [
+        "expect_table_row_count_to_equal(): observed 1600"]
+    ts = pq.read_table(out / "train.parquet").column("timestamp").to_pylist()
+    rewrite(out / "train.parquet", lambda t: t.set_column(
+        t.schema.get_field_index("timestamp"), "timestamp", pa.array([97732] + ts[1:], pa.int64())))
+    with pytest.raises(DataError, match=r"train: expect_column_values_to_be_between\(timestamp\): observed min 97732"):
+        validate(cfg, out, tmp_path / "bad")
+    bad = load_config(None, ["data.dataset=synthetic", "validate.positive_rate_band=[0.9, 1.0]"])
+    _, failed, _ = exact_checks(out / "valid.parquet", meta, bad, "valid", band)
+    assert [f.split(":")[0] for f in failed] == ["expect_column_mean_to_be_between(label)"]

@@ -1,0 +1,39 @@
+"""The data-drift sample: drawn in DuckDB from a split's file (the drift stage, never loading the whole
+split) or from a DataFrame (evaluate's windows), it is the same rows, seeded, with exact totals."""
+
+from __future__ import annotations
+
+import pytest
+
+from flip.config import load_config
+from flip.data.preprocess import preprocess, split_values
+from flip.evaluate.drift import sample_frame, sampled_split
+from helpers import pinned_overrides
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("drift-sample")
+    cfg = load_config(None, pinned_overrides("data.dataset=synthetic", "data.synthetic.rows=3000", "run.progress=false"))
+    preprocess(cfg, tmp, tmp / "processed", progress=False)
+    return tmp / "processed"
+
+
+def test_a_files_sample_is_the_frames_sample_with_exact_totals(data):
+    whole = split_values(data, "train").to_pandas()
+    sample, rows, rate = sampled_split(data, "train", 250)
+    assert rows == len(whole) > 250 and rate == float(whole["label"].astype(float).mean())
+    assert len(sample) == 250 and sample["row"].is_monotonic_increasing and sample["row"].is_unique
+    assert sample.equals(sample_frame(whole, 250).reset_index(drop=True))
+    assert set(sample["row"]) <= set(whole["row"])
+    # another seed, another sample; the same seed, the same sample (whatever the frame's row order)
+    assert not sample.equals(sampled_split(data, "train", 250, seed=1)[0])
+    shuffled = whole.sample(frac=1.0, random_state=5)
+    assert sample_frame(shuffled, 250).reset_index(drop=True).equals(sample)
+
+
+def test_a_window_within_the_bound_is_kept_whole(data):
+    whole = split_values(data, "test").to_pandas()
+    sample, rows, _ = sampled_split(data, "test", len(whole))
+    assert rows == len(whole) and sample.equals(whole)
+    assert sample_frame(whole, len(whole)) is whole
