@@ -167,6 +167,15 @@ class PretrainConfig:
     max_rows: int = 0  # 0 = all training rows (else the first N)
     train_rows: int = 8000  # 0 = all (paper); else the last (most recent) N: = finetune.train_rows for equal data
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    # Speed (flip.train.bucketing, flip.align.model): length_bucketing batches rows of similar text length
+    # (sorted within pools of 64 random batches, the batches then shuffled; false = the loop's plain
+    # permutation, bit for bit the earlier runs). one_text_pass runs the PLM once over [complete; masked]
+    # text instead of twice: the same function, but dropout draws its masks in another order, so a run
+    # differs from the two-pass one by RNG noise (identical in eval mode). compile: torch.compile of the
+    # language model (dynamic shapes; needs a C++ compiler on CPU; first steps are slow).
+    length_bucketing: bool = True
+    one_text_pass: bool = False
+    compile: bool = False
     # The alignment module (flip.align.model.AlignmentSpec: what the model sees of this section):
     text_mask_ratio: float = 0.15
     tab_mask_ratio: float = 0.15
@@ -222,6 +231,9 @@ class FinetuneConfig:
     plm_batch_size: int = 32  # their batch size (paper: 256, = batch_size)
     alpha_init: float = 0.5  # the authors: 0; 0.5 lets few CPU steps move it
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    # Text strategies (flip_plm, flip): training batches of rows of similar text length (as
+    # pretrain.length_bucketing; false = the loop's plain permutation, bit for bit the earlier runs).
+    length_bucketing: bool = True
 
     def __post_init__(self) -> None:
         for key in ("plm_seeds", "plm_epochs", "plm_batch_size", "epochs", "batch_size", "eval_batch_size"):
