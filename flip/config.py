@@ -167,6 +167,16 @@ class PretrainConfig:
     max_rows: int = 0  # 0 = all training rows (else the first N)
     train_rows: int = 8000  # 0 = all (paper); else the last (most recent) N: = finetune.train_rows for equal data
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    # Speed (flip.train.bucketing, flip.align.model): length_bucketing batches rows of similar text length
+    # (sorted within pools of 64 random batches, the batches then shuffled; false = the loop's plain
+    # permutation, bit for bit the earlier runs; off until measured on an idle machine). one_text_pass runs
+    # the PLM once over [complete; masked] text instead of twice: the same function, but dropout draws its
+    # masks in another order, so a run differs from the two-pass one by RNG noise (identical in eval
+    # mode). compile: torch.compile of the language model (dynamic shapes; needs a C++ compiler on CPU;
+    # first steps are slow).
+    length_bucketing: bool = False
+    one_text_pass: bool = False
+    compile: bool = False
     # The alignment module (flip.align.model.AlignmentSpec: what the model sees of this section):
     text_mask_ratio: float = 0.15
     tab_mask_ratio: float = 0.15
@@ -222,6 +232,9 @@ class FinetuneConfig:
     plm_batch_size: int = 32  # their batch size (paper: 256, = batch_size)
     alpha_init: float = 0.5  # the authors: 0; 0.5 lets few CPU steps move it
     precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    # Text strategies (flip_plm, flip): training batches of rows of similar text length (as
+    # pretrain.length_bucketing; false = the loop's plain permutation, bit for bit the earlier runs).
+    length_bucketing: bool = False
 
     def __post_init__(self) -> None:
         for key in ("plm_seeds", "plm_epochs", "plm_batch_size", "epochs", "batch_size", "eval_batch_size"):
@@ -246,7 +259,8 @@ class EvaluateConfig:
 
     slices: int = 4  # the test split cut into this many consecutive time slices (drift, quality per slice)
     # Windows larger than this are sampled (seed 0) for every data-drift test: the drift stage's (the retrain
-    # flow's verdict, which evaluate reads) and evaluate's other windows.
+    # flow's verdict, which evaluate reads) and evaluate's other windows; and each run's valid and test
+    # predictions for Evidently's prediction-drift pages (the exact AUC and logloss use every row).
     drift_rows: int = 20_000
     # Evidently HTML pages, ~5 MB each: main (one per strategy; the test window's data-drift page is the drift
     # stage's, always written) | all (every window) | none. Every window's numbers are in eval.json.

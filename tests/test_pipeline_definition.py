@@ -200,7 +200,8 @@ def test_stage_params_exist_and_leave_out_what_its_command_fixes(name, stage):
 
 
 # finetune keys that a strategy without a language model never reads (flip.train.finetune, .strategies)
-PLM_ONLY_KEYS = {"plm_lr", "plm_lr_grid", "plm_seeds", "plm_epochs", "plm_batch_size", "alpha_init"}
+PLM_ONLY_KEYS = {"plm_lr", "plm_lr_grid", "plm_seeds", "plm_epochs", "plm_batch_size", "alpha_init",
+                 "length_bucketing"}
 
 
 @pytest.mark.parametrize("name,stage", [(n, s) for n, s in STAGES if _command(s) == "finetune"],

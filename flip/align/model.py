@@ -13,7 +13,9 @@ One ``forward`` call does, for a batch of B rows:
    field-level choice would have.
 2. **Encoding** (Eq. 4), each pass run only if some enabled objective needs it:
    PLM on the complete text once (its [CLS] for ICL, its token states w for MTM's
-   cross-attention) and on the masked text once (ŵ for MLM); the ID model on the complete
+   cross-attention) and on the masked text once (ŵ for MLM) - or both in one call over
+   [complete; masked] (``one_text_pass``: the same function; under dropout the masks are drawn
+   in another order, so a training run differs by RNG noise); the ID model on the complete
    table (v for MLM and ICL) and on the masked table (v̂ for MTM).
 3. **Losses** (``flip.align.objectives``): ``loss = mlm_weight·MLM + mtm_weight·MTM +
    icl_weight·ICL``. An objective with weight 0 is neither built nor computed (no parameters, no
@@ -106,8 +108,9 @@ def pretrain_batch(x: torch.Tensor, tokens: Any, idx: torch.Tensor, device: torc
     ``x`` (N, F) ids of the split (``flip.data.tensors.load_tabular(...).x``), ``tokens`` its
     ``flip.data.tokens.TokenizedSplit``. Trailing all-padding token columns are trimmed.
     """
-    batch = tokens.batch(idx, trim=trim)
-    batch["x"] = x[idx].long()
+    batch = tokens.batch(idx, trim=trim)  # rows given on the CPU: the trim width is a host max (no sync)
+    rows = idx if isinstance(idx, slice) or idx.device == x.device else idx.to(x.device, non_blocking=True)
+    batch["x"] = x[rows].long()
     if device is not None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch
@@ -129,8 +132,10 @@ class FlipPretrainModel(nn.Module):
     """
 
     def __init__(self, id_model: nn.Module, plm: nn.Module, spec: AlignmentSpec | Any, meta: dict[str, Any],
-                 feature_counts: torch.Tensor | Any) -> None:
+                 feature_counts: torch.Tensor | Any, one_text_pass: bool = False) -> None:
         super().__init__()
+        # True: the complete and the masked text go through the PLM in one call (``pretrain.one_text_pass``)
+        self.one_text_pass = bool(one_text_pass)
         cfg = self.spec = AlignmentSpec.of(spec)
         weights = {name: float(getattr(cfg, f"{name}_weight")) for name in OBJECTIVES}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
@@ -231,12 +236,18 @@ class FlipPretrainModel(nn.Module):
         m = self.mask(batch, generator) if masks is None else masks
 
         passes = self.passes
-        w = self.plm(ids, attn) if passes["plm"] else None  # (B, L, D_t) complete text
+        w_hat = None
+        if self.one_text_pass and passes["plm"] and passes["plm_masked"]:  # [complete; masked] in one call
+            both = self.plm(torch.cat([ids, m["masked_ids"]]), torch.cat([attn, attn]))
+            w, w_hat = both[: ids.shape[0]], both[ids.shape[0]:]
+        else:
+            w = self.plm(ids, attn) if passes["plm"] else None  # (B, L, D_t) complete text
         v = self.id_model.encode(x) if passes["id"] else None  # (B, D_v) complete table
 
         results: dict[str, dict[str, torch.Tensor]] = {}
         if self.mlm is not None:
-            w_hat = self.plm(m["masked_ids"], attn)  # (B, L, D_t) masked text
+            if w_hat is None:
+                w_hat = self.plm(m["masked_ids"], attn)  # (B, L, D_t) masked text
             results["mlm"] = self.mlm(w_hat, v, m["mlm_labels"])
         if self.mtm is not None:
             v_hat = self.id_model.encode(m["x_masked"])  # (B, D_v) masked table

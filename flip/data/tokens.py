@@ -24,7 +24,9 @@ split file's content (SHA-256) and the cache format version, so any change re-to
 
 Storage is compact (ids int32, mask uint8, spans int16/int32); ``batch`` returns int64 tensors and
 trims the padding columns that no row of the batch uses (rows are right-padded), so short texts do
-not pay for ``max_length``.
+not pay for ``max_length``. ``row_lengths`` keeps every row's length on the host: the trim width of a
+batch whose rows are given on the CPU is a host max (no GPU sync), and length bucketing
+(``flip.train.bucketing``) sorts by it.
 
 Imports only torch, pyarrow, numpy, safetensors, tqdm and the standard library (all installed with
 torch + transformers).
@@ -65,6 +67,11 @@ class TokenizedSplit:
     field_tok_end: torch.Tensor
     pad_token_id: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    row_lengths: np.ndarray | None = None  # (N,) int64 real tokens per row, on the host (computed when None)
+
+    def __post_init__(self) -> None:
+        if self.row_lengths is None:
+            self.row_lengths = self.attention_mask.sum(dim=1, dtype=torch.int64).cpu().numpy()
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -86,11 +93,23 @@ class TokenizedSplit:
     def batch(self, idx: torch.Tensor | slice, device: torch.device | str | None = None,
               trim: bool = True) -> dict[str, torch.Tensor]:
         """Rows ``idx`` as int64 tensors (``input_ids``, ``attention_mask``, ``field_tok_start``,
-        ``field_tok_end``); with ``trim`` the trailing all-padding columns are cut off."""
+        ``field_tok_end``); with ``trim`` the trailing all-padding columns are cut off.
+
+        ``idx`` on the CPU (or a slice) while the split is on a GPU: the trim width is the host max of
+        ``row_lengths`` (no device sync) and ``idx`` is copied over without waiting; ``idx`` on the
+        split's device: the width is read from the device (one sync on a GPU)."""
+        host = isinstance(idx, slice) or idx.device.type == "cpu"
+        width = None
+        if trim and host:
+            rows = self.row_lengths[idx] if isinstance(idx, slice) else self.row_lengths[idx.numpy()]
+            width = int(rows.max()) if rows.shape[0] > 0 else None
+        if not isinstance(idx, slice) and idx.device != self.input_ids.device:
+            idx = idx.to(self.input_ids.device, non_blocking=True)
         ids = self.input_ids[idx]
         mask = self.attention_mask[idx]
-        if trim and ids.shape[0] > 0:
+        if trim and width is None and ids.shape[0] > 0:
             width = int(mask.sum(dim=1).max())
+        if width is not None:
             ids, mask = ids[:, :width], mask[:, :width]
         out = {
             "input_ids": ids.long(),
@@ -106,18 +125,19 @@ class TokenizedSplit:
         """The whole split on ``device`` (e.g. kept on the GPU; ML-1M at L = 100 is ~0.3 GB)."""
         return TokenizedSplit(self.input_ids.to(device), self.attention_mask.to(device),
                               self.field_tok_start.to(device), self.field_tok_end.to(device),
-                              self.pad_token_id, dict(self.info))
+                              self.pad_token_id, dict(self.info), self.row_lengths)
 
     def take(self, idx: torch.Tensor) -> "TokenizedSplit":
         """The rows ``idx`` (a LongTensor of positions), in that order."""
         return TokenizedSplit(self.input_ids[idx], self.attention_mask[idx], self.field_tok_start[idx],
-                              self.field_tok_end[idx], self.pad_token_id, dict(self.info))
+                              self.field_tok_end[idx], self.pad_token_id, dict(self.info),
+                              self.row_lengths[idx.cpu().numpy()])
 
     def head(self, n: int) -> "TokenizedSplit":
         if not 0 < n < len(self):
             return self
         return TokenizedSplit(self.input_ids[:n], self.attention_mask[:n], self.field_tok_start[:n],
-                              self.field_tok_end[:n], self.pad_token_id, dict(self.info))
+                              self.field_tok_end[:n], self.pad_token_id, dict(self.info), self.row_lengths[:n])
 
 
 # ------------------------------------------------------------------------------------ cache key

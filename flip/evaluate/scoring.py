@@ -105,7 +105,7 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
     from flip.evaluate.calibration import calibration
     from flip.evaluate.coldstart import auc_by_frequency
     from flip.metrics import auc, logloss
-    from flip.evaluate.drift import prediction_drift
+    from flip.evaluate.drift import prediction_drift, sample_frame
     from flip.evaluate.significance import paired_delta
 
     preds: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> split -> seed -> frame
@@ -152,9 +152,9 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
                 plots["reliability"][name] = [{**b, "strategy": name, "too_few_rows": b["count"] < few}
                                               for b in cals[0]["bins"] if b["count"]]
                 plots["roc"][name] = [{**pt, "strategy": name} for pt in roc_points(y, prob)]
-        if ev_dir is not None:
-            first_valid = next(iter(per["valid"].values()))
-            first_test = next(iter(per["test"].values()))
+        if ev_dir is not None:  # Evidently on a seeded sample of each split (exact AUC/logloss: entry[split])
+            first_valid = sample_frame(next(iter(per["valid"].values())), evaluate_cfg.drift_rows)
+            first_test = sample_frame(next(iter(per["test"].values())), evaluate_cfg.drift_rows)
             entry["prediction_drift"] = prediction_drift(
                 name, pd.DataFrame({"label": first_valid["label"].to_numpy(np.float64), "pred": first_valid["prob"]}),
                 pd.DataFrame({"label": first_test["label"].to_numpy(np.float64), "pred": first_test["prob"]}),

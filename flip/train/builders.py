@@ -247,7 +247,7 @@ def _plm_task(cfg: Config, data: CtrData, device: torch.device, plm_name: str) -
     model = PlmClassifier(plm).to(device)
     tokens = load_text_splits(cfg, data, tokenizer, device)
     return PlmTask(model, _plm_optimizer(cfg, model.parameters()), data, tokens, device,
-                   finetune_bf16(cfg, device))
+                   finetune_bf16(cfg, device), length_bucketing=cfg.finetune.length_bucketing)
 
 
 def build_flip_plm(cfg: Config, data: CtrData, device: torch.device, pretrained: Path | None = None) -> Task:
@@ -279,4 +279,4 @@ def build_flip(cfg: Config, data: CtrData, device: torch.device, pretrained: Pat
     tokens = load_text_splits(cfg, data, tokenizer, device)
     optimizer = make_optimizer(groups, cfg.finetune, _tables(cfg, data, model.id_model))
     return FlipTask(model, optimizer, data, tokens, device, finetune_bf16(cfg, device),
-                    l2_embedding=cfg.finetune.l2_embedding)
+                    l2_embedding=cfg.finetune.l2_embedding, length_bucketing=cfg.finetune.length_bucketing)

@@ -17,8 +17,11 @@ and :func:`fit` trains it, reading top to bottom:
    re-drawn); batches are slices of it: no DataLoader, no per-sample Python. ``grad_accum`` batches make
    one optimizer step; a task that trains through ``DistributedDataParallel`` (``Task.ddp``) has its
    gradients all-reduced only by the batch that ends a step (``require_backward_grad_sync``, as
-   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps. :meth:`Task.start_epoch`
-   sees each epoch's permutation first (a task that reads its rows per epoch, :mod:`flip.train.sharding`).
+   nanoGPT's loop). ``max_steps`` ends training after that many optimizer steps. :meth:`Task.order_epoch`
+   may reorder the permutation (length bucketing, :mod:`flip.train.bucketing`); :meth:`Task.start_epoch`
+   sees it next (a task that reads its rows per epoch, :mod:`flip.train.sharding`). A task with
+   ``host_batches`` gets its batches' rows on the CPU (a language model's batch width is then a host
+   max, no device sync).
 5. **Validation** after every epoch (when the task has a ``valid`` split), then the callbacks
    (:mod:`flip.train.callbacks`): the step and epoch log, early stopping on validation AUC (the best
    epoch's weights are kept), checkpoints.
@@ -122,6 +125,7 @@ class Task:
     ddp: nn.Module | None = None  # the DDP wrapper of ``model`` when the task trains on several ranks
     stat_names: tuple[str, ...] = ()  # the per-batch statistics ``loss`` returns, by name
     max_eval_rows: int = 0  # the most rows one ``predict`` call may take (0 = any; a language model's memory)
+    host_batches: bool = False  # True: ``loss`` gets its rows as a CPU tensor (pinned on CUDA); the task moves them
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Scalar training loss of the training rows ``idx`` (a LongTensor on the device); with
@@ -136,6 +140,12 @@ class Task:
         """The global sum of ``loss * rows`` from this rank's ``total`` (one process, or a task whose
         ``loss`` already returns the global value: ``total`` itself)."""
         return total
+
+    def order_epoch(self, perm: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """The epoch's batch order from the loop's permutation (a CPU LongTensor), e.g. length bucketing
+        (:mod:`flip.train.bucketing`); it may draw from ``generator`` (the loop's, whose state at the
+        epoch start is checkpointed, so a resumed run re-draws the same order). Default: ``perm``."""
+        return perm
 
     def start_epoch(self, perm: torch.Tensor, batch_size: int) -> None:
         """Called with each epoch's permutation of the training rows before its first batch (and again
@@ -330,7 +340,12 @@ class Fit:
         zeroes the epoch's sums; the epoch's progress bar is opened."""
         s, settings = self.state, self.settings
         self.generator.set_state(s.gen_state)
-        perm = torch.randperm(self.n_train, generator=self.generator).to(self.device)
+        perm = torch.randperm(self.n_train, generator=self.generator)
+        perm = self.task.order_epoch(perm, int(settings.batch_size), self.generator)
+        if not self.task.host_batches:
+            perm = perm.to(self.device)
+        elif self.device.type == "cuda":  # its slices copy to the GPU without waiting (non_blocking)
+            perm = perm.pin_memory()
         self.task.start_epoch(perm, int(settings.batch_size))
         if s.step == 0:
             s.epoch_loss.zero_()

@@ -26,13 +26,19 @@ Precision
     ``pretrain.precision`` (:mod:`flip.train.precision`: ``auto`` = bf16 autocast where the hardware
     does bf16 natively, else fp32; ``bf16`` / ``fp32``). Weights and optimizer state stay fp32.
 
+Speed
+    ``pretrain.length_bucketing`` (default on): batches of rows of similar text length, in random
+    order (:mod:`flip.train.bucketing`), so fewer padding columns are computed; the batch's rows reach
+    the task on the CPU (``Task.host_batches``) and its trim width is a host max. ``one_text_pass``:
+    one PLM call over [complete; masked] text. ``compile``: ``torch.compile`` of the PLM.
+
 Randomness, resuming
     The loop seeds everything with ``run.seeds[0]`` (one pretraining run; finetuning repeats
-    seeds) and draws the batch order. Masks and NCE noise come from a CPU ``torch.Generator`` of
-    their own, seeded from the run seed and checkpointed with the task, so the same seed gives the
-    same run and a resumed run (a kill, then the same command) ends with the same metrics and weights
-    as an uninterrupted one. Checkpoints: every epoch and every
-    ``run.checkpoint_every`` batches (``OUT/checkpoint/``, removed at the end).
+    seeds) and draws the batch order (bucketed when asked, from the same generator). Masks and NCE
+    noise come from a CPU ``torch.Generator`` of their own, seeded from the run seed and checkpointed
+    with the task, so the same seed gives the same run and a resumed run (a kill, then the same
+    command) ends with the same metrics and weights as an uninterrupted one. Checkpoints: every epoch
+    and every ``run.checkpoint_every`` batches (``OUT/checkpoint/``, removed at the end).
 
 Distributed (torchrun)
     The same command runs on one CPU, one GPU or N GPUs/nodes: ``torchrun --nproc-per-node N -m
@@ -88,6 +94,7 @@ from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import FlipError
 from flip.io import write_json
 from flip.runs import RunDir
+from flip.train.bucketing import bucket_by_length
 from flip.train.distributed import DistContext, all_reduce_sum, broadcast, check_same_position, init_distributed
 from flip.train.fingerprint import pretrain_fingerprint
 from flip.train.loop import LoopSettings, Task, fit, set_threads
@@ -167,6 +174,7 @@ class PretrainTask(Task):
     """
 
     stat_names = STAT_KEYS
+    host_batches = True  # the batch's rows on the CPU: its trim width is a host max (no device sync)
 
     def __init__(self, cfg: Config, data: PretrainData, device: torch.device, seed: int,
                  ctx: DistContext | None = None, plm: nn.Module | None = None) -> None:
@@ -180,7 +188,10 @@ class PretrainTask(Task):
         id_model.freeze_head()  # the prediction layer takes no part in pretraining
         if plm is None:
             plm, _ = load_plm(cfg.plm)
-        model = FlipPretrainModel(id_model, plm, AlignmentSpec.of(pcfg), data.meta, data.counts).to(device)
+        model = FlipPretrainModel(id_model, plm, AlignmentSpec.of(pcfg), data.meta, data.counts,
+                                  one_text_pass=pcfg.one_text_pass).to(device)
+        if pcfg.compile:  # in place: the state dict keeps its names
+            model.plm.compile(dynamic=True)
         self.model = model
         self.n_train = len(data)
         self.eval_sets = {}
@@ -246,6 +257,12 @@ class PretrainTask(Task):
             return {**output, "loss": output["loss"] * scale.to(output["loss"].dtype)}
 
         return hook
+
+    def order_epoch(self, perm: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """``pretrain.length_bucketing``: batches of rows of similar text length (:mod:`flip.train.bucketing`)."""
+        if not self.cfg.pretrain.length_bucketing:
+            return perm
+        return bucket_by_length(perm, self.data.tokens.row_lengths, batch_size, generator)
 
     # ------------------------------------------------------------------------------------- loss
     def loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,9 @@ Tasks (what :func:`flip.train.loop.fit` trains)
     turn into extreme values).
     :class:`PlmTask`: a ``PlmClassifier`` on the tokenized splits, mean BCE. :class:`FlipTask`: a
     ``FlipModel``, Eq. 15 (three BCE terms) + the same lookup-L2. Text batches are trimmed to the
-    batch's longest row; a text task scores at most ``EVAL_CHUNK`` rows per forward (its
+    batch's longest row (a host max: their rows reach the task on the CPU), and with
+    ``finetune.length_bucketing`` made of rows of similar length (``flip.train.bucketing``); a text
+    task scores at most ``EVAL_CHUNK`` rows per forward (its
     ``max_eval_rows``, which caps ``finetune.eval_batch_size`` in ``flip.train.loop.predict_probs``).
 
 Only torch, numpy, pyarrow and the standard library are imported.
@@ -51,6 +53,7 @@ from flip.config import Config, FinetuneConfig
 from flip.data.tensors import TabularSplit, load_meta, load_tabular, split_rows
 from flip.data.tokens import TokenizedSplit, tokenize_split
 from flip.errors import SettingError
+from flip.train.bucketing import bucket_by_length
 from flip.train.distributed import DistContext, all_reduce_sum
 from flip.train.loop import EvalSet, Task
 from flip.train.precision import autocast, use_bf16
@@ -301,9 +304,12 @@ def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.d
 # ----------------------------------------------------------------------------------------- tasks
 class _TextTaskBase(Task):
     slow_scoring = True
+    host_batches = True  # the batch's rows on the CPU: its trim width is a host max (no device sync)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: CtrData,
-                 tokens: dict[str, TokenizedSplit], device: torch.device, bf16: bool) -> None:
+                 tokens: dict[str, TokenizedSplit], device: torch.device, bf16: bool,
+                 length_bucketing: bool = False) -> None:
+        self.length_bucketing = bool(length_bucketing)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = None
@@ -314,6 +320,15 @@ class _TextTaskBase(Task):
         self.n_train = len(data.train)
         self.eval_sets = data.eval_sets()
         self.max_eval_rows = EVAL_CHUNK.get(device.type, 256)
+
+    def order_epoch(self, perm: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """``finetune.length_bucketing``: batches of rows of similar text length (:mod:`flip.train.bucketing`)."""
+        if not self.length_bucketing:
+            return perm
+        return bucket_by_length(perm, self.tokens["train"].row_lengths, batch_size, generator)
+
+    def _on_device(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if idx.device == self.device else idx.to(self.device, non_blocking=True)
 
     def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -331,7 +346,7 @@ class PlmTask(_TextTaskBase):
             return self.model(b["input_ids"], b["attention_mask"]).float()
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.data.train.y.index_select(0, idx)
+        y = self.data.train.y.index_select(0, self._on_device(idx))
         return F.binary_cross_entropy_with_logits(self._logits("train", idx), y)
 
 
@@ -343,7 +358,7 @@ class FlipTask(_TextTaskBase):
         self.l2_embedding = float(l2_embedding)
 
     def _forward(self, split: str, idx: torch.Tensor):
-        x = self.data.splits[split].x.index_select(0, idx)
+        x = self.data.splits[split].x.index_select(0, self._on_device(idx))
         b = self.tokens[split].batch(idx)
         with autocast(self.device, self.bf16):
             return (*self.model(x, b["input_ids"], b["attention_mask"]), x)
@@ -352,7 +367,7 @@ class FlipTask(_TextTaskBase):
         return self._forward(split, idx)[0]
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.data.train.y.index_select(0, idx)
+        y = self.data.train.y.index_select(0, self._on_device(idx))
         joint, logit_id, logit_plm, x = self._forward("train", idx)
         bce = F.binary_cross_entropy_with_logits
         loss = bce(joint, y) + bce(logit_id, y) + bce(logit_plm, y)

@@ -191,3 +191,57 @@ def test_state_helpers_roundtrip(data, bert_dir, tmp_path):
     saved_plm, _ = load_plm(PlmConfig(name=str(out / "plm")))
     saved_plm.eval()
     assert torch.allclose(saved_plm(x["input_ids"], x["attention_mask"]), model.plm(x["input_ids"], x["attention_mask"]))
+
+
+def _loss_and_grads(model, batch, seed=3):
+    masks = model.mask(batch, torch.Generator().manual_seed(seed))
+    out = model(batch, torch.Generator().manual_seed(seed + 1), masks)
+    model.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_one_text_pass_computes_the_two_passes_function(data, bert_dir):
+    """``one_text_pass``: one PLM call over [complete; masked] text; without dropout (eval mode) the
+    losses and every gradient are those of the two calls (to float rounding of the larger matmuls)."""
+    batch = batch_of(data, 24)
+    two, one = build(data, bert_dir), build(data, bert_dir)
+    one.one_text_pass = True
+    calls = count_calls(one)
+    for m in (two, one):
+        m.eval()
+    (out2, g2), (out1, g1) = _loss_and_grads(two, batch), _loss_and_grads(one, batch)
+    assert calls["plm"] == 1
+    for key in ("loss", "mlm", "mtm", "icl"):
+        assert torch.allclose(out1[key], out2[key], rtol=1e-5, atol=1e-6), key
+    assert g1.keys() == g2.keys()
+    for name in g2:
+        assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_compiled_plm_computes_the_same_losses(data, bert_dir):
+    """``pretrain.compile``: ``torch.compile`` of the PLM (in place, dynamic shapes) gives the eager
+    losses and gradients on a tiny model; skipped where the compiler toolchain is missing."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler for torch.compile's CPU backend")
+    eager, compiled = build(data, bert_dir), build(data, bert_dir)
+    compiled.plm.compile(dynamic=True)
+    for m in (eager, compiled):
+        m.eval()
+    for start in (0, 24):  # two widths: the dynamic graph is reused
+        batch = batch_of(data, 24, start)
+        (oe, ge) = _loss_and_grads(eager, batch)
+        try:
+            (oc, gc) = _loss_and_grads(compiled, batch)
+        except Exception as exc:  # pragma: no cover - a toolchain that cannot build the kernels
+            if "BackendCompilerFailed" in type(exc).__name__ or "CppCompileError" in repr(exc):
+                pytest.skip(f"torch.compile cannot build here: {type(exc).__name__}")
+            raise
+        assert torch.allclose(oc["loss"], oe["loss"], rtol=1e-4, atol=1e-5)
+        for name in ge:
+            assert torch.allclose(gc[name], ge[name], rtol=1e-3, atol=1e-5), name
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # compiled in place: the same names

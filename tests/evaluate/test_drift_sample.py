@@ -8,13 +8,13 @@ import pytest
 from flip.config import load_config
 from flip.data.preprocess import preprocess, split_values
 from flip.evaluate.drift import sample_frame, sampled_split
-from helpers import pinned_overrides
+from helpers import preset_overrides
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drift-sample")
-    cfg = load_config(None, pinned_overrides("data.dataset=synthetic", "data.synthetic.rows=3000", "run.progress=false"))
+    cfg = load_config(None, preset_overrides("data.dataset=synthetic", "data.synthetic.rows=3000", "run.progress=false"))
     preprocess(cfg, tmp, tmp / "processed", progress=False)
     return tmp / "processed"
 
