@@ -289,6 +289,30 @@ def test_split_values_quotes_field_names_from_meta(tmp_path):
     assert table.column_names[-1] == meta["fields"][2]["name"] and not target.exists()
 
 
+def test_validations_exact_checks_and_sample_quote_field_names_from_meta(tmp_path):
+    """The DuckDB aggregates and the seeded sample of flip validate (large splits) splice field names
+    of meta.json and the split's path: a name built to break out is a name, a file is not written."""
+    import pyarrow.parquet as pq
+
+    from flip.config import config_from_dict
+    from flip.data.validate import _sample, exact_checks
+
+    log = write_log(tmp_path / "clicks.csv", ["user", "item", "genre", "rating"], rows_for())
+    result, out = run_preprocess(tmp_path, [log], ["user", "item", "genre"], "rating", positive="value > 3")
+    assert result.exit_code == 0, result.output
+    meta = read_json(out / "meta.json")
+    target = pwn_target(tmp_path)
+    old, new = meta["fields"][2]["name"], f"g\" FROM x; COPY (SELECT 1) TO '{target}'; --"
+    meta["fields"][2]["name"] = new
+    table = pq.read_table(out / "test.parquet")
+    crafted = tmp_path / "it's \"test\".parquet"
+    pq.write_table(table.rename_columns([new if c == old else c for c in table.column_names]), crafted)
+    rows, failed, _ = exact_checks(crafted, meta, config_from_dict({}), "test", (0, 2**62))
+    assert rows == table.num_rows and not target.exists(), failed
+    sample = _sample(crafted, [new], 5)
+    assert list(sample.columns) == [new] and len(sample) == min(5, table.num_rows) and not target.exists()
+
+
 # ------------------------------------------------------------------------------------- property test
 
 ALPHABET = list("abcXYZ09_ -") + ['"', '""', "'", ";", "--", "\\", "/*", "*/", "(", ")", ",", "$1", "ü", "é",
