@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import duckdb
     import pandera.pandas as pa
 
-CHUNK_ROWS = 1_000_000
+CHUNK_ROWS = 1_000_000  # raw files are validated in chunks of this many rows
+# a processed split is validated in chunks of whole Parquet row groups, up to about this many rows
+# each, every group read on its own (pyarrow's batch iterator reads ahead: ~4 GiB held at 16M rows)
+PROCESSED_CHUNK_ROWS = 250_000
 
 
 # ------------------------------------------------------------------------------------ raw files
@@ -222,6 +225,20 @@ def processed_schema(meta: dict[str, Any]) -> "pa.DataFrameSchema":
     )
 
 
+def _row_group_chunks(pf: Any, rows: int) -> list[list[int]]:
+    """The file's row groups in order, gathered into runs of about ``rows`` rows (at least one group)."""
+    chunks: list[list[int]] = []
+    size = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if not chunks or size + n > rows:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(g)
+        size += n
+    return chunks
+
+
 def validate_processed(dataset_dir: Path | str, meta: dict[str, Any]) -> dict[str, Any]:
     """Validate every split in row-group chunks and check the splits do not overlap in time or rows.
 
@@ -230,7 +247,12 @@ def validate_processed(dataset_dir: Path | str, meta: dict[str, Any]) -> dict[st
     import pandera.pandas as pa
     import pyarrow.parquet as pq
 
+    import gc
+
+    from flip.io import malloc_trim
+
     schema = processed_schema(meta)
+    trim = malloc_trim()
     bounds: dict[str, tuple[int, int, int, int]] = {}
     summary: dict[str, Any] = {"splits": {}}
     for split in ("train", "valid", "test"):
@@ -240,8 +262,13 @@ def validate_processed(dataset_dir: Path | str, meta: dict[str, Any]) -> dict[st
         pf = pq.ParquetFile(path)
         rows = 0
         first_row = last_row = first_ts = last_ts = None
-        for batch in pf.iter_batches(batch_size=CHUNK_ROWS):
-            df = batch.to_pandas()
+        for groups in _row_group_chunks(pf, PROCESSED_CHUNK_ROWS):
+            # pandera's validation leaves reference cycles that hold each chunk's frame: collected
+            # here, the peak stays ~1 GiB at 16M rows (3.7 GiB and growing after 24 chunks without)
+            df = None
+            gc.collect()
+            trim(0)
+            df = pf.read_row_groups(groups).to_pandas()
             try:
                 schema.validate(df, lazy=True)
             except pa.errors.SchemaErrors as exc:

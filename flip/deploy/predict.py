@@ -40,10 +40,10 @@ import torch
 
 from flip.deploy.package import Bundle, load_bundle
 from flip.errors import DataError, FlipError
-from flip.io import atomic_file
+from flip.io import atomic_file, malloc_trim
 
 TEXT_CHUNK = 256  # rows per language-model forward pass
-TRIM_EVERY = 8  # batches between returns of freed memory to the system (see _malloc_trim)
+TRIM_EVERY = 8  # batches between returns of freed memory to the system (see flip.io.malloc_trim)
 # The longest CSV line (and Parquet field value) flip predict reads, in bytes (`--max-line-bytes`): a
 # click-log line is a few hundred bytes; 2 MiB is DuckDB's own default max_line_size.
 MAX_LINE_BYTES = 2 * 1024 * 1024
@@ -321,20 +321,6 @@ def _score_batch(bundle: Bundle, batch: Any, ids: np.ndarray, device: torch.devi
         return torch.cat(out).cpu().numpy()
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim(0)`` (a no-op elsewhere). The scoring loop's large short-lived tensors
-    fragment glibc's heap: without it the peak RSS of scoring 2.2M rows varied from 0.5 to 3.5 GB
-    between identical runs; trimming every ``TRIM_EVERY`` batches keeps it flat at no measurable cost
-    (benchmarks/predict_ml1m.py)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda *_: None
-
-
 def _check_value_sizes(batch: Any, fields: list[dict[str, Any]], position: int, where: str, limit: int) -> None:
     """A value longer than ``limit`` bytes (a Parquet input has no line to bound): a DataError naming it."""
     import pyarrow.compute as pc
@@ -443,7 +429,7 @@ def score_stream(bundle: Bundle, inputs: list[Path] | None = None, *, table: Any
 
     def batches() -> Iterator[ScoredBatch]:
         position = 0
-        trim = _malloc_trim()
+        trim = malloc_trim()
         try:
             for n, batch, ids in chunks():
                 if n % TRIM_EVERY == 0:
