@@ -12,8 +12,9 @@ The test window's data drift is computed once, by the ``drift`` stage (:func:`dr
 other windows) reads the splits' raw values and samples windows larger than ``evaluate.drift_rows``
 with the fixed seed :data:`DRIFT_SEED`, so one window always gets one verdict. The sample is DuckDB's
 (:func:`flip.data.sql.sample_sql`: the rows of the smallest ``hash(row, seed)``), the same whether
-drawn from a split's Parquet file (the drift stage, which never loads a whole split: it reads the
-sample, and the exact row counts and positive rates, in DuckDB) or from a DataFrame (evaluate).
+drawn from a split's Parquet file (the drift stage and evaluate's windows, which never load a whole
+split: they read the sample, and the exact row counts and positive rates, in DuckDB) or from a
+DataFrame (:func:`sample_frame`).
 Evidently is imported inside the functions (~6 s import).
 """
 
@@ -43,22 +44,45 @@ def sample_frame(df: Any, max_rows: int, seed: int = DRIFT_SEED) -> Any:
         return con.sql(sample_sql("frame", max_rows, seed)).df()
 
 
-def sampled_split(data_dir: Path, split: str, max_rows: int, seed: int = DRIFT_SEED) -> tuple[Any, int, float]:
+def sampled_split(data_dir: Path, split: str, max_rows: int, seed: int = DRIFT_SEED,
+                  rows_between: tuple[int, int] | None = None) -> tuple[Any, int, float]:
     """A processed split's raw values (:func:`flip.data.preprocess.split_values`) sampled in DuckDB to
     ``max_rows`` rows (as :func:`sample_frame`), with the exact row count and positive rate of all its
-    rows: memory of ``max_rows`` rows, whatever the split's size."""
+    rows: memory of ``max_rows`` rows, whatever the split's size. ``rows_between`` (first, last): only
+    the rows whose ``row`` lies in that closed range (a time slice, :func:`split_slices`)."""
     from flip.data.preprocess import split_values_sql
     from flip.data.sql import locked_connection, sample_sql, sql_str
     from flip.io import read_json
 
     meta = read_json(Path(data_dir) / "meta.json")
     source = f"read_parquet({sql_str(Path(data_dir) / f'{split}.parquet')})"
+    if rows_between is not None:
+        source = f"(SELECT * FROM {source} WHERE row BETWEEN {int(rows_between[0])} AND {int(rows_between[1])})"
     with locked_connection(read=[Path(data_dir)]) as con:
         rows, rate = con.sql(f"SELECT count(*), avg(label::DOUBLE) FROM {source}").fetchall()[0]
         values = split_values_sql(meta)
         frame = con.sql(sample_sql(source, max_rows, seed, values) if rows > max_rows
                         else f"SELECT {values} FROM {source} ORDER BY row").df()
     return frame, int(rows), float(rate) if rate is not None else float("nan")
+
+
+def split_slices(data_dir: Path, split: str, slices: int) -> dict[str, tuple[int, int]]:
+    """The split cut into ``slices`` consecutive time slices of (nearly) equal row counts, in ``row``
+    order, as (first, last) ``row`` of each: ``{"test_slice_1": ..., ...}``, computed in DuckDB."""
+    from flip.data.sql import locked_connection, sql_str
+
+    source = f"read_parquet({sql_str(Path(data_dir) / f'{split}.parquet')})"
+    with locked_connection(read=[Path(data_dir)]) as con:
+        n = con.sql(f"SELECT count(*) FROM {source}").fetchall()[0][0]
+        bounds = np.linspace(0, n, slices + 1).astype(int)
+        cuts = sorted({int(b) for k in range(slices) if bounds[k + 1] > bounds[k]
+                       for b in (bounds[k], bounds[k + 1] - 1)})
+        if not cuts:
+            return {}
+        at = dict(con.sql(f"SELECT pos, row FROM (SELECT row, row_number() OVER (ORDER BY row) - 1 AS pos "
+                          f"FROM {source}) WHERE pos IN ({', '.join(map(str, cuts))})").fetchall())
+    return {f"test_slice_{k + 1}": (int(at[int(bounds[k])]), int(at[int(bounds[k + 1]) - 1]))
+            for k in range(slices) if bounds[k + 1] > bounds[k]}
 
 
 def _windows(test: Any, slices: int) -> dict[str, Any]:
@@ -73,22 +97,29 @@ def _value(metrics: list[dict], prefix: str) -> Any:
     return None
 
 
-def windows_drift(train: Any, valid: Any, test: Any, meta: dict[str, Any], out_dir: Path, *, slices: int,
-                  pages: str, drift_share: float, target_drift: float, max_rows: int,
-                  test_drift: dict[str, Any]) -> dict[str, Any]:
+def windows_drift(data_dir: Path, meta: dict[str, Any], out_dir: Path, *, slices: int, pages: str,
+                  drift_share: float, target_drift: float, max_rows: int, test_drift: dict[str, Any],
+                  seed: int = DRIFT_SEED) -> dict[str, Any]:
     """:func:`window_drift` for the held-out windows other than the test split (valid, the test
-    split's time slices), with ``test_drift`` (the drift stage's record, :func:`read_drift`) as the
-    test window's: ``{"valid", "test", "test_slice_1", ...}``.
+    split's time slices, :func:`split_slices`), with ``test_drift`` (the drift stage's record,
+    :func:`read_drift`) as the test window's: ``{"valid", "test", "test_slice_1", ...}``. Each window
+    and the training split are read as DuckDB samples with exact totals (:func:`sampled_split`): the
+    memory of a few ``max_rows`` samples, whatever the splits' sizes.
 
     ``pages``: which of these windows get an Evidently HTML page (each is ~5 MB: the page carries its
     own JavaScript): ``all`` every one, ``main`` and ``none`` none (the test window's page is the
     drift stage's). Every window's numbers are in the returned summary either way."""
-    def one(name: str, df: Any) -> dict[str, Any]:
-        return window_drift(train, df, meta, out_dir, drift_share=drift_share, target_drift=target_drift,
-                            max_rows=max_rows, stem=f"data_drift_{name}", html=pages == "all")
+    train, train_rows, rate_train = sampled_split(data_dir, "train", max_rows, seed)
 
-    return {"valid": one("valid", valid), "test": test_drift,
-            **{name: one(name, df) for name, df in _windows(test, slices).items()}}
+    def one(name: str, split: str, rows_between: tuple[int, int] | None = None) -> dict[str, Any]:
+        window, rows, rate = sampled_split(data_dir, split, max_rows, seed, rows_between)
+        totals = {"reference_rows": train_rows, "window_rows": rows, "rate_train": rate_train, "rate_window": rate}
+        return window_drift(train, window, meta, out_dir, drift_share=drift_share, target_drift=target_drift,
+                            max_rows=max_rows, seed=seed, stem=f"data_drift_{name}", html=pages == "all",
+                            totals=totals)
+
+    return {"valid": one("valid", "valid"), "test": test_drift,
+            **{name: one(name, "test", between) for name, between in split_slices(data_dir, "test", slices).items()}}
 
 
 def prediction_drift(strategy: str, valid: Any, test: Any, out_dir: Path, *, slices: int = 4,

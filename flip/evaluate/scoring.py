@@ -23,6 +23,7 @@ the learning-rate selection) and the processed splits. Writes into ``out_dir`` (
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,9 @@ def _score_group(runs: dict[str, Path], frames: dict[str, Any], keys: list[str],
         preds[name] = {split: {s: d.predictions(split) for s, d in seeds_of[name].items()}
                        for split in ("valid", "test")}
     # the rows every strategy and seed scored: the comparison is on exactly these
-    common = {split: sorted(set.intersection(*(set(f["row"].tolist()) for per in preds.values()
-                                               for f in per[split].values()))) for split in ("valid", "test")}
+    common = {split: np.unique(functools.reduce(np.intersect1d, [f["row"].to_numpy() for per in preds.values()
+                                                                  for f in per[split].values()]))
+              for split in ("valid", "test")}
     result: dict[str, Any] = {}
     plots: dict[str, Any] = {"reliability": {}, "roc": {}}
     aligned: dict[str, dict[str, np.ndarray]] = {}
@@ -215,18 +217,16 @@ def data_drift(cfg: Config, data_dir: Path, meta: dict[str, Any], ev_dir: Path, 
     window's ``html`` is relative to ``ev_dir`` (the test window's page lies in ``drift_dir``)."""
     import os
 
-    from flip.data.preprocess import split_values
     from flip.evaluate.drift import drift_settings, read_drift, windows_drift
 
     test_drift = read_drift(cfg, data_dir, drift_dir)
     if test_drift.get("html"):
         test_drift["html"] = Path(os.path.relpath(Path(drift_dir) / test_drift["html"], ev_dir)).as_posix()
     test_drift["source"] = (Path(drift_dir) / "drift.json").as_posix()
-    values = {s: split_values(data_dir, s).to_pandas() for s in ("train", "valid", "test")}
     settings = drift_settings(cfg)
-    return windows_drift(values["train"], values["valid"], values["test"], meta, ev_dir, slices=cfg.evaluate.slices,
-                         pages=cfg.evaluate.pages, drift_share=settings["drift_share"],
-                         target_drift=settings["target_drift"], max_rows=settings["max_rows"], test_drift=test_drift)
+    return windows_drift(data_dir, meta, ev_dir, slices=cfg.evaluate.slices, pages=cfg.evaluate.pages,
+                         drift_share=settings["drift_share"], target_drift=settings["target_drift"],
+                         max_rows=settings["max_rows"], seed=settings["seed"], test_drift=test_drift)
 
 
 def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
@@ -248,10 +248,10 @@ def evaluate(cfg: Config, data_dir: Path, runs_dir: Path, out_dir: Path, *,
                         "run `flip finetune` first")
     full_runs = find_runs(full_dir) if full_dir is not None else {}
     meta = load_meta(data_dir)
-    fields = [f["name"] for f in meta["fields"]]
     keys = [k for k in (meta.get("user_field"), meta.get("item_field")) if k]
-    frames = {s: pq.read_table(data_dir / f"{s}.parquet", columns=["row", "label", *fields]).to_pandas()
-              for s in ("train", "valid", "test")}
+    # what scoring reads of the splits: the user/item ids (cold-start buckets), not whole splits
+    frames = {"train": pq.read_table(data_dir / "train.parquet", columns=keys).to_pandas(),
+              "test": pq.read_table(data_dir / "test.parquet", columns=["row", *keys]).to_pandas()}
     e = cfg.evaluate
 
     first_seed = next(iter(seed_runs(next(iter(runs.values()))).values()))

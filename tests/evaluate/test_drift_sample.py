@@ -3,11 +3,12 @@ split) or from a DataFrame (evaluate's windows), it is the same rows, seeded, wi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from flip.config import load_config
 from flip.data.preprocess import preprocess, split_values
-from flip.evaluate.drift import sample_frame, sampled_split
+from flip.evaluate.drift import sample_frame, sampled_split, split_slices
 from helpers import preset_overrides
 
 
@@ -60,3 +61,18 @@ def test_the_id_like_drift_is_evidentlys_jensen_shannon_distance():
     assert metric["config"]["method"] == "Jensen-Shannon distance"
     assert jensen_shannon(ref["user"], cur["user"]) == pytest.approx(float(metric["value"]), abs=1e-12)
     assert jensen_shannon(ref["user"], ref["user"]) == 0.0
+
+
+def test_time_slices_are_consecutive_row_ranges_sampled_like_the_frames_slices(data):
+    """evaluate's slice windows, read from the file: the rows and the sample the in-memory slices gave."""
+    whole = split_values(data, "test").to_pandas()
+    slices = split_slices(data, "test", 4)
+    bounds = np.linspace(0, len(whole), 5).astype(int)
+    assert list(slices) == [f"test_slice_{k}" for k in range(1, 5)]
+    for k, (lo, hi) in enumerate(slices.values()):
+        part = whole.iloc[bounds[k]: bounds[k + 1]]
+        assert (lo, hi) == (part["row"].iloc[0], part["row"].iloc[-1])
+        sample, rows, rate = sampled_split(data, "test", 50, rows_between=(lo, hi))
+        assert rows == len(part) > 50 and rate == pytest.approx(part["label"].astype(float).mean())
+        assert sample.equals(sample_frame(part, 50).reset_index(drop=True))
+    assert split_slices(data, "test", 1) == {"test_slice_1": (whole["row"].iloc[0], whole["row"].iloc[-1])}
