@@ -77,6 +77,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # no forks after tokeni
 
 MIB = 1 << 20
 LIMIT_MIB = 64  # what a device call carries: the working tree + carried paths
+# the faster language-model path (flip/train/bucketing.py): batches of similar text length, in random
+# order, so a GPU batch of 1024 computes about the real tokens instead of the longest row's width
+FAST_PATH = ("pretrain.length_bucketing=true", "finetune.length_bucketing=true")
 PIPELINE_ONLY = ("duckdb", "dvc", "prefect", "evidently", "pandera", "great_expectations")
 PLM_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
 PLM_NOTE = ("all-MiniLM-L6-v2 (6 layers, d=384, 22.7M parameters; fp16 in the bundle, fp32 master weights and bf16 "
@@ -381,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     seed = fm.profile_config("paper")[0].run.seeds[:1] or [0]
     overrides = [f"plm.name={bundle / manifest['plm']['dir']}", f"plm.cache_dir={work / 'tokens'}", "run.progress=false",
                  f"run.seeds=[{seed[0]}]", "finetune.lr_grid=[]", "finetune.plm_lr_grid=[]",
-                 *(DRY_OVERRIDES if args.dry_run else []), *args.overrides]
+                 *FAST_PATH, *(DRY_OVERRIDES if args.dry_run else []), *args.overrides]
     cfg, applied = fm.profile_config("paper", overrides)
     info = fm.device_info()
     peak = fm.peak_tflops(info.get("gpu"), args.peak_tflops)
@@ -535,7 +538,20 @@ def run(args: argparse.Namespace) -> int:
     report.data["pretraining"] = pre
     full_samples = full_steps * batch
     full_ml1m_steps = pretrain_total_steps(with_overrides(cfg, "pretrain", max_steps=0).pretrain, FULL_ML1M_TRAIN_ROWS)
+    # tokens without padding: the real tokens of the training rows x epochs, at the real-token rate measured
+    real_tokens = report.data["tokens"]["train"]["mean_tokens"]
+    tokens_per_second = steady * float(pre.get("mean_tokens") or real_tokens)
+    full_tokens = cfg.pretrain.epochs * pre_rows * real_tokens
+    ml1m_tokens = cfg.pretrain.epochs * FULL_ML1M_TRAIN_ROWS * real_tokens
+    ran = float(pre.get("samples") or pre["steps"] * batch)
+    report.data["schedule_fraction"] = {
+        "what": "pretraining samples this check ran over those of the paper's 30-epoch schedule",
+        "this_copy": ran / max(1, full_samples), "full_ml1m": ran / max(1, full_ml1m_steps * batch)}
     report.data["full_schedule_estimate"] = {
+        "by_tokens": {"what": "real (unpadded) tokens of the whole schedule at the real-token rate measured here",
+                      "real_tokens_per_row": real_tokens, "tokens_per_second": tokens_per_second,
+                      "this_copy_minutes": round(full_tokens / tokens_per_second / 60, 1),
+                      "full_ml1m_minutes": round(ml1m_tokens / tokens_per_second / 60, 1)},
         "what": "the paper profile's whole pretraining (pretrain.epochs epochs at pretrain.batch_size) at the steady "
                 "samples/s measured here, with this language model (MiniLM, not TinyBERT)",
         "epochs": cfg.pretrain.epochs, "batch_size": batch, "at_samples_per_second": steady,
@@ -574,9 +590,15 @@ def run(args: argparse.Namespace) -> int:
     imported = sorted(m for m in PIPELINE_ONLY if m in sys.modules)
     report.data["pipeline_tools_imported"] = imported
     report.data["seconds"]["total"] = round(time.monotonic() - T_START, 1)
-    report.write("complete" if not imported else "failed")
     summary = {s: (round(r["test_auc"], 4) if "test_auc" in r else r.get("skipped")) for s, r in results.items()}
-    log(f"test AUC {summary}")
+    fraction = report.data["schedule_fraction"]["this_copy"]
+    report.data["headline"] = {"test_auc": summary, "fraction_of_full_schedule": fraction,
+                               "mfu": pre.get("mfu_steady"),
+                               "full_schedule_minutes_by_tokens": report.data["full_schedule_estimate"]
+                               ["by_tokens"]["this_copy_minutes"]}
+    report.write("complete" if not imported else "failed")
+    log(f"test AUC {summary} after {fraction:.2%} of the {cfg.pretrain.epochs}-epoch pretraining schedule"
+        + (f", MFU {pre['mfu_steady']:.1%}" if pre.get("mfu_steady") else ""))
     for key, d in report.data["paired_test_auc"].items():
         if "delta" in d:
             log(f"  {key}: {d['delta']:+.4f} (95% CI {d['ci_low']:+.4f} .. {d['ci_high']:+.4f}, p {d['p_value']:.3g})")
