@@ -218,11 +218,15 @@ def report(out: Out = None,
                "reports/analysis"),
            ablations: Annotated[Optional[Path], typer.Option(
                help="ablation table written by `flip ablations collect` (make ablations)")] = Path(
-               "reports/ablations.json")):
+               "reports/ablations.json"),
+           scaling: Annotated[Optional[Path], typer.Option(
+               help="pretraining-scaling study (benchmarks/pretrain_scaling.py)")] = Path(
+               "benchmarks/results/pretrain_scaling.json")):
     """Write reports/index.html and reports/summary.md from this run's outputs, beside the paper's numbers."""
     from flip.evaluate.report import report as run
 
-    result = run(out or Path("reports"), pretrain_dir=pretrain, analysis_dir=analysis, ablations=ablations)
+    result = run(out or Path("reports"), pretrain_dir=pretrain, analysis_dir=analysis, ablations=ablations,
+                 scaling=scaling)
     typer.echo(f"report: {result['html']} ({result['figures']} figures)")
 
 

@@ -3,9 +3,10 @@
 Everything it shows comes from this run's own outputs: ``eval.json`` (evaluate), ``validation.json``
 (validate), the pretraining run (its configuration, metrics and step log, read through
 :class:`flip.runs.RunDir`), ``analysis.json``
-(analyze) and, after ``make ablations``, ``ablations.json`` (``flip ablations``, from ``dvc exp show``).
+(analyze), after ``make ablations``, ``ablations.json`` (``flip ablations``, from ``dvc exp show``), and
+the committed pretraining-scaling study (``benchmarks/results/pretrain_scaling.json``, labelled as such).
 The paper's numbers (``flip.evaluate.paper``) stand beside ours, labelled as the paper's. Nothing is
-computed again here and nothing is read from another run.
+computed again here, and nothing else is read from another run.
 """
 
 from __future__ import annotations
@@ -170,7 +171,32 @@ def _candidate(c: dict[str, Any], name: str, plm_only: bool) -> str:
 PROFILE_NOTE = ("What this run can show: a comparison at the training budget it was given (rows, epochs, "
                 "language-model size). The quick profile trains the language-model strategies on a few thousand rows "
                 "on a CPU, so it tests whether FLIP helps at that budget, not the paper's full-data margins; the paper "
-                "profile (`make run PROFILE=paper`, a GPU) trains every strategy on every row as the paper did.")
+                "profile (`make run PROFILE=paper`, a GPU) trains every strategy on every row as the paper did. How "
+                "FLIP_ID's gain moves as pretraining grows is the section 'FLIP_ID's gain against pretraining' below "
+                "(benchmarks/pretrain_scaling.py).")
+
+
+def scaling_section(page: Page, scaling: dict[str, Any] | None, dataset: str, figures_dir: Path) -> None:
+    """The pretraining-scaling study (``benchmarks/pretrain_scaling.py``), where it was run on this dataset."""
+    page.heading("FLIP_ID's gain against pretraining")
+    points = (scaling or {}).get("points") or []
+    if not points or scaling.get("dataset") != dataset:
+        page.text("No pretraining-scaling study for this dataset yet: `python benchmarks/pretrain_scaling.py --idle "
+                  "yes` pretrains on growing numbers of rows and finetunes FLIP_ID after each, next to scratch, and "
+                  "writes benchmarks/results/pretrain_scaling.json, which this section shows.")
+        return
+    rows = [[p["rows"], p["seeds"], f"{p['delta']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]",
+             f"{p['p_value']:.2g}", ", ".join(f"{v:+.4f}" for v in p["per_seed"].values()),
+             round(p["time"]), round(p["samples_per_second"], 1)] for p in points]
+    page.table(["pretraining rows", "seeds", "ΔAUC FLIP_ID − scratch [95% CI]", "p-value", "per seed",
+                "pretraining s", "samples/s"], rows)
+    caption = figures.pretrain_scaling(points, figures_dir / "pretrain_scaling.png",
+                                       paper=scaling.get("paper_flip_id_delta"))
+    page.figure("figures/pretrain_scaling.png", caption)
+    page.text(f"From {scaling.get('date', 'an earlier run')} ({'idle' if scaling.get('idle') else 'busy'} machine), "
+              "not this run: the quick profile's pretraining on the N most recent training rows (one epoch), then "
+              "FLIP_ID and scratch on the whole training split with the same seeds, scored on the whole test split "
+              "(DeLong). " + str(scaling.get("reading", "")))
 
 
 def results_section(page: Page, ev: dict[str, Any]) -> None:
@@ -311,7 +337,7 @@ def drift_section(page: Page, ev: dict[str, Any]) -> None:
 
 
 def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir: Path | None = None,
-           ablations: Path | None = None) -> dict[str, Any]:
+           ablations: Path | None = None, scaling: Path | None = None) -> dict[str, Any]:
     """Write ``reports_dir/index.html`` and ``reports_dir/summary.md`` from this run's outputs."""
     reports_dir = Path(reports_dir)
     ev = _read(reports_dir / "eval.json")
@@ -327,6 +353,7 @@ def report(reports_dir: Path, *, pretrain_dir: Path | None = None, analysis_dir:
     page = Page()
     settings_section(page, ev, pretrain, pretrain_config)
     results_section(page, ev)
+    scaling_section(page, _read(scaling), ev["dataset"], figures_dir)
     ablations_section(page, _read(ablations), ev["dataset"])
     bins = {n: _read(reports_dir / "plots" / "reliability" / f"{n}.json") or [] for n in ev["strategies"]}
     calibration_section(page, ev, bins, figures_dir)

@@ -18,6 +18,8 @@ def make_dvc_repo(path: Path, params_update) -> callable:
         shutil.copy(ROOT / name, path / name)
     for folder in ("flip", "flows", "profiles"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (path / "benchmarks" / "results").mkdir(parents=True)  # the report stage reads the scaling study
+    shutil.copy(ROOT / "benchmarks" / "results" / "pretrain_scaling.json", path / "benchmarks" / "results")
     params = yaml.safe_load((path / "params.yaml").read_text())
     params_update(params)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

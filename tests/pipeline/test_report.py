@@ -118,6 +118,32 @@ def test_report_markdown_puts_numbers_beside_the_paper(reports):
     assert "paper AUC (Wang et al., RecSys '24, Table 2)" in md
 
 
+def test_report_shows_the_pretraining_scaling_study_of_its_dataset_only(reports, tmp_path):
+    from report_numbers import allowed_numbers, paper_numbers, read_sources, untraceable
+
+    out, _ = reports
+    copy = tmp_path / "reports"
+    shutil.copytree(out, copy)
+    points = [{"rows": r, "seeds": 3, "delta": d, "ci_low": d - 0.001, "ci_high": d + 0.001, "p_value": p,
+               "per_seed": {"2012": d - 0.0002, "2013": d, "2014": d + 0.0002}, "time": t, "samples_per_second": 22.5}
+              for r, d, p, t in ((2000, 0.0003, 0.41, 90.0), (8000, 0.0007, 0.088, 355.0), (32000, 0.0017, 0.004, 1405.0))]
+    study = tmp_path / "pretrain_scaling.json"
+    study.write_text(json.dumps({"dataset": "synthetic", "date": "2026-12-04 22:00 UTC", "idle": True,
+                                 "paper_flip_id_delta": 0.0052, "points": points}))
+    report(copy, scaling=study)
+    md = (copy / "summary.md").read_text()
+    assert "| 32,000 | 3 | +0.0017 [+0.0007, +0.0027] | 0.004 |" in md
+    assert "![pretrain_scaling](figures/pretrain_scaling.png)" in md and "idle machine" in md
+    assert (copy / "figures" / "pretrain_scaling.png").stat().st_size > 1000
+    sources = read_sources(copy / "eval.json", copy / "metrics.json", study, *(copy / "plots").rglob("*.json"))
+    assert untraceable(md, allowed_numbers(*sources, *paper_numbers())) == []
+    # a study of another dataset is not shown as this one's
+    study.write_text(json.dumps({"dataset": "movielens-1m", "points": points}))
+    report(copy, scaling=study)
+    md = (copy / "summary.md").read_text()
+    assert "No pretraining-scaling study for this dataset yet" in md and "+0.0017 [" not in md
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
 def test_report_renders_in_headless_chromium_with_its_figures(reports, tmp_path):
     out, _ = reports
