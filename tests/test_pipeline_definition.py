@@ -34,6 +34,15 @@ def test_config_defaults_are_params_yaml():
     assert not differ, f"Config() vs params.yaml: {differ}"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "profiles").glob("*.txt")), ids=lambda p: p.stem)
+def test_every_profile_is_valid_overrides(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    overrides = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert overrides, f"{path}: no overrides"
+    cfg = load_config(ROOT / "params.yaml", overrides)
+    assert dataclasses.asdict(cfg) != dataclasses.asdict(load_config(ROOT / "params.yaml"))
+
+
 def test_paper_profile_is_valid_overrides():
     lines = (ROOT / "profiles" / "paper.txt").read_text(encoding="utf-8").splitlines()
     overrides = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
