@@ -12,17 +12,19 @@ repeat runs every arm in turn for ``--warmup`` untimed and ``--steps`` timed tra
 backward, optimizer and scheduler step, as the loop runs them) on its own batch stream, which goes on
 from repeat to repeat; the result per arm is the median over repeats of samples/s.
 
-* pretraining ``before``: ``pretrain.length_bucketing=false`` and the rows of a batch on the device (the
-  trim width read from it: the path before this change); ``after``: the defaults (bucketing, the rows on
-  the host); ``after+one_text_pass``: also ``pretrain.one_text_pass=true``;
+* pretraining ``before``: the path before the faster step: ``pretrain.length_bucketing=false``,
+  ``plm.fast_dropout=false`` (torch's dropout and SDPA) and the rows of a batch on the device (the trim
+  width read from it); ``bucketing``: only ``pretrain.length_bucketing`` on; ``after``: the defaults
+  (bucketing, host dropout, the rows on the host); ``after+one_text_pass``: also ``pretrain.one_text_pass``;
 * finetuning (``PlmTask``, the task of ``flip_plm``; started from ``plm.name`` itself, so no pretraining
   run is needed: the step is the same): ``before`` / ``after`` as above with ``finetune.length_bucketing``.
 
 ``speedup`` = pretraining after / before samples/s. ``mean_width``: the mean trimmed batch width (token
 columns computed per row). Losses: ``--loss-seeds N`` pretrains N seeds for ``--loss-steps`` optimizer steps
-with bucketing off and on (``flip pretrain`` itself, in ``--work/loss``; a finished run is reused, so a
-killed benchmark goes on where it stopped) and reports the final losses (mean of the last 50 batches) per
-seed and their mean and spread: bucketed and unbucketed should agree within seed noise.
+with the ``before`` and the ``after`` settings (``flip pretrain`` itself, in ``--work/loss``; a finished run
+is reused, so a killed benchmark goes on where it stopped) and reports the final losses (mean of the last 50
+batches) per seed, their mean and spread, and after - before in units of the seeds' spread: the two should
+agree within seed noise.
 Writes ``benchmarks/results/plm_speed.json``.
 """
 
@@ -105,16 +107,21 @@ def pretrain_arms(cfg: Any, data_dir: Path, device: torch.device, seed: int) -> 
     _, tokenizer = load_plm(cfg.plm)
     data = load_pretrain_data(cfg, data_dir, tokenizer, device, progress=False)
     arms = []
-    for name, bucketing, one_pass, host in (("before", False, False, False), ("after", True, False, True),
-                                            ("after+one_text_pass", True, True, True)):
+    for name, bucketing, fast, one_pass, host in (("before", False, False, False, False),
+                                                  ("bucketing", True, False, False, True),
+                                                  ("after", True, True, False, True),
+                                                  ("after+one_text_pass", True, True, True, True)):
         c = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, length_bucketing=bucketing,
-                                                                  one_text_pass=one_pass))
+                                                                  one_text_pass=one_pass),
+                                plm=dataclasses.replace(cfg.plm, fast_dropout=fast))
         seed_everything(seed)
         arms.append(Arm(name, PretrainTask(c, data, device, seed), cfg.pretrain.batch_size, seed, host))
     return arms
 
 
 def finetune_arms(cfg: Any, data_dir: Path, device: torch.device, seed: int) -> list[Arm]:
+    import dataclasses
+
     from flip.train.builders import build_plm_scratch
     from flip.train.loop import seed_everything
     from flip.train.tasks import load_ctr_data
@@ -122,11 +129,12 @@ def finetune_arms(cfg: Any, data_dir: Path, device: torch.device, seed: int) -> 
     f = cfg.finetune
     data = load_ctr_data(data_dir, device, f.max_rows).subset(f.train_rows, f.eval_rows)
     arms = []
-    for name, bucketing in (("before", False), ("after", True)):
+    for name, fast in (("before", False), ("after", True)):
+        c = dataclasses.replace(cfg, plm=dataclasses.replace(cfg.plm, fast_dropout=fast))
         seed_everything(seed)
-        task = build_plm_scratch(cfg, data, device)
-        task.length_bucketing = bucketing
-        arms.append(Arm(name, task, f.plm_batch_size, seed, host=bucketing))
+        task = build_plm_scratch(c, data, device)
+        task.length_bucketing = fast
+        arms.append(Arm(name, task, f.plm_batch_size, seed, host=fast))
     return arms
 
 
@@ -136,12 +144,12 @@ def loss_runs(cfg: Any, data_dir: Path, work: Path, seeds: list[int], steps: int
     from flip.train.pretrain import pretrain
 
     out: dict[str, Any] = {"steps": steps, "seeds": seeds, "runs": {}}
-    for bucketing in (False, True):
-        key = "bucketed" if bucketing else "unbucketed"
+    for key, after in (("before", False), ("after", True)):
         per_seed = []
         for seed in seeds:
-            c = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, length_bucketing=bucketing,
+            c = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, length_bucketing=after,
                                                                       max_steps=steps),
+                                    plm=dataclasses.replace(cfg.plm, fast_dropout=after),
                                     run=dataclasses.replace(cfg.run, seeds=[seed], progress=False))
             m = pretrain(c, data_dir, work / "loss" / f"{key}-seed{seed}-steps{steps}")
             per_seed.append({"seed": seed, **{k: m[k] for k in LOSS_KEYS}})
@@ -149,6 +157,12 @@ def loss_runs(cfg: Any, data_dir: Path, work: Path, seeds: list[int], steps: int
                        "std": statistics.stdev(r[k] for r in per_seed) if len(per_seed) > 1 else None}
                    for k in LOSS_KEYS}
         out["runs"][key] = {"per_seed": per_seed, **summary}
+    if len(seeds) > 1:  # after - before, in units of the seeds' spread (pooled standard deviation)
+        runs = out["runs"]
+        out["difference_in_sd"] = {
+            k: (runs["after"][k]["mean"] - runs["before"][k]["mean"])
+            / max(((runs["after"][k]["std"] ** 2 + runs["before"][k]["std"] ** 2) / 2) ** 0.5, 1e-12)
+            for k in LOSS_KEYS}
     return out
 
 

@@ -17,7 +17,7 @@ The pooler of BERT/RoBERTa is dropped: FLIP uses the raw ``[CLS]`` state of the 
 authors' code does), and a pooler nobody uses would get no gradient (DDP would need
 ``find_unused_parameters``).
 
-Two options of ``PlmConfig`` change the encoder, both documented in ``params.yaml``:
+Three options of ``PlmConfig`` change the encoder, all documented in ``params.yaml``:
 
 * ``pooling``: ``cls`` (the paper's [CLS] state, the default) or ``mean`` (the mean of the last
   layer's token states over the attention mask). all-MiniLM-L6-v2 was trained as a sentence
@@ -25,6 +25,9 @@ Two options of ``PlmConfig`` change the encoder, both documented in ``params.yam
 * ``layers``: 0 keeps every transformer layer; N keeps the first N (a smaller encoder made from
   the shipped one, for a CPU budget). A checkpoint saved after truncation has N layers, so
   loading it again with the same setting is a no-op.
+* ``fast_dropout``: on the CPU, training draws the encoder's dropout masks from a fast bit generator
+  and runs attention dropout outside SDPA (``flip.models.host_dropout``): the same model, other random
+  draws; evaluation and accelerators are unchanged.
 
 Only ``torch`` and ``transformers`` are imported; the package of the offline default is imported
 lazily, when the alias is resolved.
@@ -161,6 +164,10 @@ def load_plm(cfg: Any) -> tuple[PlmEncoder, Any]:
     if limit and max_length > limit:
         raise ValueError(f"plm.max_length={max_length} exceeds the {limit} positions of {cfg.name!r}")
     keep_layers(model, int(getattr(cfg, "layers", 0) or 0))
+    if getattr(cfg, "fast_dropout", False):
+        from flip.models.host_dropout import use_host_dropout
+
+        use_host_dropout(model)
     return PlmEncoder(model, tokenizer, name=cfg.name, pooling=getattr(cfg, "pooling", "cls") or "cls"), tokenizer
 
 
