@@ -257,6 +257,11 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch default
     progress: bool = True
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+    # A split's ID tensors (int32, 4 bytes per field and row) larger than this many MiB are not held in
+    # memory or moved whole to the device: they live in a memory-mapped file (an unlinked temporary file,
+    # paged by the kernel), and each batch is gathered on the host and copied to the device. Token caches are
+    # always memory-mapped; a tokenized split larger than this stays on the host too. 0 = no limit.
+    resident_mib: int = 2048
 
 
 @dataclass

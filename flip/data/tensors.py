@@ -1,6 +1,6 @@
 """Processed Parquet -> in-memory tensors, loaded once; batches are index slices, no per-row Python.
 
-Imports only torch, pyarrow and the standard library so that training runs on a bare GPU machine.
+Imports only torch, numpy, pyarrow and the standard library so that training runs on a bare GPU machine.
 
 The processed dataset directory (written by ``flip preprocess``) holds ``{train,valid,test}.parquet``
 and ``meta.json``. Each split has one int32 column per field (global feature ids: 0 = padding,
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -50,13 +51,18 @@ def id_like_fields(meta: dict[str, Any]) -> list[str]:
 
 @dataclass
 class TabularSplit:
-    """One split as tensors: ``x`` (N, F) int64 global feature ids, ``y`` (N,) float32 labels."""
+    """One split as tensors: ``x`` (N, F) int32 global feature ids (batches take ``.long()`` of their
+    rows), ``y`` (N,) float32 labels. ``x`` may live in a memory-mapped file (:func:`load_tabular`)."""
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __len__(self) -> int:
         return self.y.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size()
 
     def to(self, device: torch.device | str) -> "TabularSplit":
         return TabularSplit(self.x.to(device), self.y.to(device))
@@ -69,14 +75,51 @@ class TabularSplit:
         return TabularSplit(self.x[-n:], self.y[-n:]) if 0 < n < len(self) else self
 
 
-def load_tabular(dataset_dir: str | Path, split: str) -> TabularSplit:
-    """Read the field id columns and the label of ``split`` into tensors."""
+def host_array(shape: tuple[int, ...], dtype: Any, budget_bytes: int = 0) -> np.ndarray:
+    """An uninitialised array of ``shape``: in memory, or, when larger than ``budget_bytes`` (> 0), in a
+    memory-mapped file of ``tempfile.gettempdir()`` that is unlinked at once (the mapping keeps it; the
+    kernel pages it in and out, and nothing is left behind when the process ends, even by kill -9)."""
+    import mmap
+    import os
+    import tempfile
+
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if budget_bytes <= 0 or nbytes <= budget_bytes or nbytes == 0:
+        return np.empty(shape, dtype)
+    fd, name = tempfile.mkstemp(prefix="flip-tensor-", suffix=".bin")
+    try:
+        os.unlink(name)
+        os.ftruncate(fd, nbytes)
+        mapped = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mapped, dtype=dtype).reshape(shape)
+
+
+def load_tabular(dataset_dir: str | Path, split: str, max_rows: int = 0, budget_bytes: int = 0) -> TabularSplit:
+    """The field ids (int32) and labels of ``split``, its first ``max_rows`` rows when > 0. Read one row
+    group at a time into the result (memory holds the result and one row group); ids larger than
+    ``budget_bytes`` (> 0, ``run.resident_mib``) go to a memory-mapped file (:func:`host_array`)."""
     meta = load_meta(dataset_dir)
     names = field_names(meta)
-    table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=[*names, "label"])
-    x = torch.stack([torch.from_numpy(table.column(n).to_numpy().astype("int64")) for n in names], dim=1)
-    y = torch.from_numpy(table.column("label").to_numpy().astype("float32"))
-    return TabularSplit(x=x, y=y)
+    pf = pq.ParquetFile(Path(dataset_dir) / f"{split}.parquet")
+    total = pf.metadata.num_rows
+    n = min(total, max_rows) if max_rows > 0 else total
+    x = host_array((n, len(names)), np.int32, budget_bytes)
+    y = np.empty(n, np.float32)
+    start = 0
+    for g in range(pf.metadata.num_row_groups):
+        if start >= n:
+            break
+        table = pf.read_row_group(g, columns=[*names, "label"])
+        take = min(table.num_rows, n - start)
+        for j, name in enumerate(names):
+            x[start:start + take, j] = table.column(name).to_numpy()[:take]
+        y[start:start + take] = table.column("label").to_numpy()[:take]
+        start += take
+        del table
+    return TabularSplit(x=torch.from_numpy(x), y=torch.from_numpy(y))
 
 
 def split_rows(dataset_dir: str | Path, split: str) -> int:
@@ -88,8 +131,6 @@ def read_rows(dataset_dir: str | Path, split: str, positions: Any) -> TabularSpl
     """The rows at ``positions`` (sorted, unique positions in the file: a numpy int64 array) of ``split``,
     in that order. Read one row group at a time, skipping the groups that hold none of them, so that
     memory holds only those rows (and one row group): a rank's share of a split under torchrun."""
-    import numpy as np
-
     meta = load_meta(dataset_dir)
     names = field_names(meta)
     pos = np.asarray(positions, dtype=np.int64)
@@ -100,12 +141,12 @@ def read_rows(dataset_dir: str | Path, split: str, positions: Any) -> TabularSpl
         lo, hi = np.searchsorted(pos, [start, end])
         if hi > lo:
             table = pf.read_row_group(g, columns=[*names, "label"]).take(pos[lo:hi] - start)
-            xs.append(np.stack([table.column(n).to_numpy().astype("int64") for n in names], axis=1))
+            xs.append(np.stack([table.column(n).to_numpy().astype("int32") for n in names], axis=1))
             ys.append(table.column("label").to_numpy().astype("float32"))
         start = end
     if len(pos) and (pos[0] < 0 or pos[-1] >= start):
         raise IndexError(f"{dataset_dir}/{split}.parquet has {start} rows; asked for row {int(pos[-1])}")
-    x = np.concatenate(xs) if xs else np.zeros((0, len(names)), dtype="int64")
+    x = np.concatenate(xs) if xs else np.zeros((0, len(names)), dtype="int32")
     y = np.concatenate(ys) if ys else np.zeros(0, dtype="float32")
     return TabularSplit(x=torch.from_numpy(x), y=torch.from_numpy(y))
 

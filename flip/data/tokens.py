@@ -17,10 +17,12 @@ truncation, wholly or partly) or whose value is empty gets the empty span ``star
 masking never chooses it (``flip.align.masking``).
 
 **Cache.** The result is written once to ``cache_dir/<dataset>-<split>-<key>.safetensors`` (plain
-tensors, no pickle; written atomically) and loaded from there afterwards without calling the
-tokenizer. ``key`` hashes the tokenizer (its full serialised definition: vocabulary, merges,
-normaliser, special tokens; not the transient padding/truncation settings), ``max_length``, the
-split file's content (SHA-256) and the cache format version, so any change re-tokenizes.
+tensors, no pickle; written atomically) and memory-mapped from there afterwards without calling the
+tokenizer (:func:`mmap_safetensors`: a batch reads its rows' pages, never the whole split; the rows'
+lengths are stored, so that bucketing and batch widths do not read the masks). ``key`` hashes the
+tokenizer (its full serialised definition: vocabulary, merges, normaliser, special tokens; not the
+transient padding/truncation settings), ``max_length``, the split file's content (SHA-256) and the
+cache format version, so any change re-tokenizes.
 
 Storage is compact (ids int32, mask uint8, spans int16/int32); ``batch`` returns int64 tensors and
 trims the padding columns that no row of the batch uses (rows are right-padded), so short texts do
@@ -48,8 +50,9 @@ import torch
 
 from flip.io import file_sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the host row lengths are stored (reading them never touches the whole mask)
 TENSOR_NAMES = ("input_ids", "attention_mask", "field_tok_start", "field_tok_end")
+SAFETENSORS_DTYPES = {"I32": np.int32, "U8": np.uint8, "I16": np.int16, "I64": np.int64, "F32": np.float32}
 
 
 @dataclass
@@ -67,7 +70,7 @@ class TokenizedSplit:
     field_tok_end: torch.Tensor
     pad_token_id: int = 0
     info: dict[str, Any] = field(default_factory=dict)
-    row_lengths: np.ndarray | None = None  # (N,) int64 real tokens per row, on the host (computed when None)
+    row_lengths: np.ndarray | None = None  # (N,) integer real tokens per row, on the host (computed when None)
 
     def __post_init__(self) -> None:
         if self.row_lengths is None:
@@ -75,6 +78,11 @@ class TokenizedSplit:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.input_ids, self.attention_mask, self.field_tok_start,
+                                                           self.field_tok_end))
 
     @property
     def max_length(self) -> int:
@@ -270,7 +278,7 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
     cache when it exists, else tokenized and cached on their own (a profile that trains on the last
     8,000 rows does not tokenize all the others first).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from flip.io import atomic_file
 
@@ -282,7 +290,7 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
     whole: TokenizedSplit | None = None
     if path.exists() and not refresh:
         try:
-            whole = _from_tensors(load_file(str(path)), tokenizer.pad_token_id, path)
+            whole = _from_tensors(mmap_safetensors(path), tokenizer.pad_token_id, path)
         except Exception:  # unreadable / partial cache from another version: rebuild it
             whole = None
     if whole is not None:
@@ -293,7 +301,7 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
         path = path.with_name(f"{path.stem}-rows-{len(rows)}-{digest}{path.suffix}")
         if path.exists() and not refresh:
             try:
-                return _from_tensors(load_file(str(path)), tokenizer.pad_token_id, path)
+                return _from_tensors(mmap_safetensors(path), tokenizer.pad_token_id, path)
             except Exception:
                 pass
 
@@ -307,6 +315,7 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
     arrays = tokenize_texts(texts, char_start, char_end, tokenizer, max_length, batch_size=batch_size,
                             progress=progress, desc=f"tokenize {split}")
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tensors["row_lengths"] = torch.from_numpy(arrays["attention_mask"].sum(axis=1, dtype=np.int32))
     meta = {
         "format": str(FORMAT_VERSION),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
@@ -318,13 +327,47 @@ def tokenize_split(dataset_dir: str | os.PathLike, split: str, tokenizer: Any, m
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-    return _from_tensors(tensors, tokenizer.pad_token_id, path)
+    del tensors, arrays  # what was just written is read back memory-mapped, as on later calls
+    return _from_tensors(mmap_safetensors(path), tokenizer.pad_token_id, path)
+
+
+def mmap_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as memory-mapped CPU tensors (nothing is read until used: a
+    batch reads its rows' pages). The header is checked against the file: a tensor outside it, or whose
+    size is not its shape's, raises ``ValueError``."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: header of {n} bytes in a file of {size}")
+        header = json.loads(fh.read(n))
+    base, out = 8 + n, {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = np.dtype(SAFETENSORS_DTYPES[spec["dtype"]])
+        shape = tuple(int(d) for d in spec["shape"])
+        begin, end = (int(o) for o in spec["data_offsets"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end <= size - base or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} does not fit the file")
+        if count == 0:
+            out[name] = torch.from_numpy(np.zeros(shape, dtype))
+            continue
+        # copy-on-write mapping: writable for torch, shared with the page cache, never written
+        out[name] = torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=base + begin, shape=shape))
+    return out
 
 
 def _from_tensors(tensors: dict[str, torch.Tensor], pad_token_id: int, path: Path) -> TokenizedSplit:
     missing = [k for k in TENSOR_NAMES if k not in tensors]
     if missing:
         raise ValueError(f"token cache {path} lacks {missing}")
+    lengths = tensors.get("row_lengths")
     return TokenizedSplit(
         input_ids=tensors["input_ids"],
         attention_mask=tensors["attention_mask"],
@@ -332,8 +375,9 @@ def _from_tensors(tensors: dict[str, torch.Tensor], pad_token_id: int, path: Pat
         field_tok_end=tensors["field_tok_end"],
         pad_token_id=int(pad_token_id),
         info={"cache": str(path)},
+        row_lengths=lengths.numpy() if lengths is not None else None,
     )
 
 
-__all__ = ["TokenizedSplit", "cache_path", "field_token_spans", "tokenize_split", "tokenize_texts",
+__all__ = ["TokenizedSplit", "cache_path", "field_token_spans", "mmap_safetensors", "tokenize_split", "tokenize_texts",
            "tokenizer_fingerprint"]

@@ -92,7 +92,7 @@ def _field_similarity(cfg: Any, meta: dict[str, Any], model: Any, tokenizer: Any
     tab = load_tabular(dataset_dir, "test").head(rows)
     tokens = tokenize_split(dataset_dir, "test", tokenizer, cfg.plm.max_length, cfg.plm.cache_dir).head(rows)
     batch = tokens.batch(torch.arange(len(tab)))
-    x, ids, attn = tab.x, batch["input_ids"].long(), batch["attention_mask"]
+    x, ids, attn = tab.x.long(), batch["input_ids"].long(), batch["attention_mask"]
     start, end = batch["field_tok_start"], batch["field_tok_end"]
     F = x.shape[1]
     z_text, z_tab = [], []

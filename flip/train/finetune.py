@@ -129,7 +129,7 @@ def _finetune(cfg: Config, strategy: Any, dataset_dir: Path, out_dir: Path, pret
             if ctx.distributed:  # each rank reads its rows of the training split, epoch by epoch
                 cache["data"] = load_sharded_ctr_data(dataset_dir, device, cfg.finetune, ctx)
             else:
-                full = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows)
+                full = load_ctr_data(dataset_dir, device, cfg.finetune.max_rows, budget_bytes=cfg.run.resident_mib << 20)
                 cache["data"] = full.subset(cfg.finetune.train_rows, cfg.finetune.eval_rows)
         return cache["data"]
 

@@ -121,8 +121,8 @@ class PretrainData:
 
     dataset_dir: Path
     meta: dict[str, Any]
-    x: torch.Tensor  # (N, F) int64 global ids
-    tokens: TokenizedSplit  # tensors on the device
+    x: torch.Tensor  # (N, F) int32 global ids, on the device (on the host beyond run.resident_mib)
+    tokens: TokenizedSplit  # tensors on the device (memory-mapped on the host beyond run.resident_mib)
     counts: torch.Tensor  # (V,) float64 training frequency of every id (NCE noise)
 
     def __len__(self) -> int:
@@ -145,7 +145,8 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     ctx = ctx or DistContext()
     d = Path(dataset_dir)
     meta = load_meta(d)
-    tab = load_tabular(d, "train").head(cfg.pretrain.max_rows)
+    budget = cfg.run.resident_mib << 20  # larger tensors stay on the host (memory-mapped), batches copied over
+    tab = load_tabular(d, "train", cfg.pretrain.max_rows, budget)
     positions = np.arange(len(tab))
     if 0 < cfg.pretrain.train_rows < len(tab):  # the most recent rows: those finetune.train_rows trains on
         positions = positions[-cfg.pretrain.train_rows:]
@@ -161,7 +162,8 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     if len(tokens) != len(tab):
         raise ValueError(f"{d}: {len(tokens)} tokenized rows for {len(tab)} training rows")
     counts = load_feature_counts(d, int(meta["vocab_size"]))
-    return PretrainData(d, meta, tab.x.to(device), tokens.to(device), counts)
+    x = tab.x if 0 < budget < tab.x.numel() * tab.x.element_size() else tab.x.to(device)
+    return PretrainData(d, meta, x, tokens if 0 < budget < tokens.nbytes else tokens.to(device), counts)
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -270,7 +272,7 @@ class PretrainTask(Task):
             check_same_position(self.ctx, [self.recent_count, self.total_n], self.device)
             self._checked = True
         ctx, model = self.ctx, self.model
-        batch = pretrain_batch(self.data.x, self.data.tokens, idx)  # the global batch, trimmed
+        batch = pretrain_batch(self.data.x, self.data.tokens, idx, self.device)  # the global batch, trimmed
         B = int(idx.shape[0])
         masks = model.mask(batch, self.generator)  # global draws, identical on every rank
         W = ctx.world

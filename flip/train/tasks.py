@@ -131,26 +131,34 @@ class CtrData:
 
 
 def load_ctr_data(dataset_dir: str | Path, device: torch.device | str = "cpu", max_rows: int = 0,
-                  read_train: bool = True) -> CtrData:
+                  read_train: bool = True, budget_bytes: int = 0) -> CtrData:
     """Load train/valid/test of a processed dataset onto ``device``; ``max_rows > 0`` keeps the
     first ``max_rows`` training rows (the time-earliest ones). ``read_train=False``: the training
-    split is left empty (a :class:`~flip.train.sharding.TrainShard` reads it, :func:`load_sharded_ctr_data`)."""
+    split is left empty (a :class:`~flip.train.sharding.TrainShard` reads it, :func:`load_sharded_ctr_data`).
+    ``budget_bytes`` (> 0, ``run.resident_mib``): a split's ids larger than that stay in a memory-mapped
+    file on the host (``flip.data.tensors.host_array``), and the split is never moved whole to the device
+    (the tasks gather each batch on the host and copy it over)."""
     d = Path(dataset_dir)
     meta = load_meta(d)
     splits: dict[str, TabularSplit] = {}
     rows: dict[str, np.ndarray] = {}
     for split in ("train", "valid", "test"):
         if split == "train" and not read_train:
-            splits[split] = TabularSplit(torch.zeros(0, len(meta["fields"]), dtype=torch.long, device=device),
+            splits[split] = TabularSplit(torch.zeros(0, len(meta["fields"]), dtype=torch.int32, device=device),
                                          torch.zeros(0, device=device))
             continue
-        tab = load_tabular(d, split)
-        if split == "train":
-            tab = tab.head(max_rows)
-        else:
+        tab = load_tabular(d, split, max_rows if split == "train" else 0, budget_bytes)
+        if split != "train":
             rows[split] = pq.read_table(d / f"{split}.parquet", columns=["row"]).column("row").to_numpy().astype(np.int64)
-        splits[split] = tab.to(device)
+        splits[split] = tab if 0 < budget_bytes < tab.x.numel() * tab.x.element_size() else tab.to(device)
     return CtrData(dataset_dir=d, meta=meta, splits=splits, rows=rows)
+
+
+def gather(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``idx`` of ``t``, taken where ``t`` lives (the device, or the host for a split kept there)
+    and then moved to ``device``."""
+    rows = t.index_select(0, idx if idx.device == t.device else idx.to(t.device))
+    return rows if rows.device == device else rows.to(device, non_blocking=True)
 
 
 def load_sharded_ctr_data(dataset_dir: str | Path, device: torch.device, fcfg: FinetuneConfig, ctx: DistContext) -> CtrData:
@@ -212,12 +220,14 @@ class TabularTask(Task):
                  scheduler: Any = None, bf16: bool = False, oov_dropout: float = 0.0) -> None:
         self.model = model
         self.bf16 = bool(bf16)
-        self.device = data.train.x.device
+        self.device = next(model.parameters()).device
+        # a training split kept on the host (over run.resident_mib) is indexed there: the loop's rows on the CPU
+        self.host_batches = data.train.x.device != self.device
         if not 0.0 <= oov_dropout < 1.0:
             raise SettingError(f"finetune.oov_dropout={oov_dropout} must be in [0, 1)")
         self.oov_dropout = float(oov_dropout)
         # (F,) each field's out-of-vocabulary id (the row every value unseen in training maps to)
-        self.oov_ids = torch.tensor([f["oov_id"] for f in data.meta["fields"]], dtype=data.train.x.dtype,
+        self.oov_ids = torch.tensor([f["oov_id"] for f in data.meta["fields"]], dtype=torch.long,
                                     device=self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -256,9 +266,10 @@ class TabularTask(Task):
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         if self.shard is not None:
             x, y, stand_in = self.shard.batch(idx)
+            x = x.long()
             weight = 0.0 if stand_in else self.shard.ctx.world / idx.shape[0]  # W / B: see the class docstring
         else:
-            x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
+            x, y = gather(self.train_x, idx, self.device).long(), gather(self.train_y, idx, self.device)
         if self.oov_dropout > 0:  # each id -> its field's OOV id with this probability (global RNG)
             x = torch.where(torch.rand(x.shape, device=x.device) < self.oov_dropout, self.oov_ids, x)
         self._looked_up = None
@@ -278,7 +289,7 @@ class TabularTask(Task):
 
     def predict(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         # always fp32: scoring is cheap for an ID model, and bf16 logits would create ties
-        return self.model(self.data.splits[split].x.index_select(0, idx))
+        return self.model(gather(self.data.splits[split].x, idx, self.device).long())
 
 
 def finetune_bf16(cfg: Config, device: torch.device) -> bool:
@@ -297,7 +308,8 @@ def load_text_splits(cfg: Config, data: CtrData, tokenizer: Any, device: torch.d
                                 progress=cfg.run.progress, rows=rows)
         if len(tokens) != len(tab):
             raise ValueError(f"{data.dataset_dir}/{split}: {len(tokens)} tokenized rows for {len(tab)} rows")
-        out[split] = tokens.to(device)
+        budget = cfg.run.resident_mib << 20  # a larger split stays memory-mapped on the host
+        out[split] = tokens if 0 < budget < tokens.nbytes else tokens.to(device)
     return out
 
 
@@ -327,9 +339,6 @@ class _TextTaskBase(Task):
             return perm
         return bucket_by_length(perm, self.tokens["train"].row_lengths, batch_size, generator)
 
-    def _on_device(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx if idx.device == self.device else idx.to(self.device, non_blocking=True)
-
     def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -341,12 +350,12 @@ class PlmTask(_TextTaskBase):
     """A ``PlmClassifier`` on the tokenized splits: mean BCE-with-logits."""
 
     def _logits(self, split: str, idx: torch.Tensor) -> torch.Tensor:
-        b = self.tokens[split].batch(idx)
+        b = self.tokens[split].batch(idx, self.device)
         with autocast(self.device, self.bf16):
             return self.model(b["input_ids"], b["attention_mask"]).float()
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.data.train.y.index_select(0, self._on_device(idx))
+        y = gather(self.data.train.y, idx, self.device)
         return F.binary_cross_entropy_with_logits(self._logits("train", idx), y)
 
 
@@ -358,8 +367,8 @@ class FlipTask(_TextTaskBase):
         self.l2_embedding = float(l2_embedding)
 
     def _forward(self, split: str, idx: torch.Tensor):
-        x = self.data.splits[split].x.index_select(0, self._on_device(idx))
-        b = self.tokens[split].batch(idx)
+        x = gather(self.data.splits[split].x, idx, self.device).long()
+        b = self.tokens[split].batch(idx, self.device)
         with autocast(self.device, self.bf16):
             return (*self.model(x, b["input_ids"], b["attention_mask"]), x)
 
@@ -367,7 +376,7 @@ class FlipTask(_TextTaskBase):
         return self._forward(split, idx)[0]
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.data.train.y.index_select(0, self._on_device(idx))
+        y = gather(self.data.train.y, idx, self.device)
         joint, logit_id, logit_plm, x = self._forward("train", idx)
         bce = F.binary_cross_entropy_with_logits
         loss = bce(joint, y) + bce(logit_id, y) + bce(logit_plm, y)

@@ -209,3 +209,44 @@ def test_batch_trims_padding_and_returns_int64(bert, tmp_path):
     assert full["input_ids"].dtype == torch.int64 and full["input_ids"].shape[1] == int(t.lengths[0])
     assert short["input_ids"].shape == (1, 18)  # [CLS] (age is 1 .) x 4 [SEP]
     assert t.batch(torch.tensor([1]), trim=False)["input_ids"].shape == (1, 64)
+
+
+def _mapped_files() -> str:
+    return Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+
+
+def test_cache_is_memory_mapped_with_stored_lengths(bert, tmp_path):
+    _, tok = bert
+    data = write_split(tmp_path / "ds", [FIELDS, FIELDS[::-1], FIELDS[1:] + FIELDS[:1]] * 4)
+    cache = tmp_path / "cache"
+    fresh = tokenize_split(data, "train", tok, 32, cache, progress=False)
+    again = tokenize_split(data, "train", tok, 32, cache, progress=False)
+    [path] = cache.glob("*.safetensors")
+    if _mapped_files():
+        assert str(path) in _mapped_files()  # read through a mapping of the cache file, not loaded whole
+    for name in tokens_mod.TENSOR_NAMES:
+        assert torch.equal(getattr(fresh, name), getattr(again, name))
+    # the stored lengths are the masks' row sums (bucketing and batch widths never read the masks)
+    np.testing.assert_array_equal(again.row_lengths, again.attention_mask.sum(1).numpy())
+    assert torch.equal(again.batch(torch.tensor([0, 2]))["input_ids"], fresh.batch(torch.tensor([0, 2]))["input_ids"])
+
+
+def test_a_cache_whose_header_lies_is_rebuilt(bert, tmp_path):
+    import json
+
+    _, tok = bert
+    data = write_split(tmp_path / "ds", [FIELDS] * 3)
+    cache = tmp_path / "cache"
+    want = tokenize_split(data, "train", tok, 32, cache, progress=False)
+    [path] = cache.glob("*.safetensors")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["input_ids"]["shape"] = [9, 32]  # claims more rows than the file holds (3), in as many bytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n  # the written header is padded; the compact one fits
+    path.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n:])
+    with pytest.raises(ValueError, match="does not fit"):
+        tokens_mod.mmap_safetensors(path)
+    got = tokenize_split(data, "train", tok, 32, cache, progress=False)  # rebuilt, not trusted
+    assert torch.equal(got.input_ids, want.input_ids)
