@@ -31,19 +31,21 @@ Writes ``benchmarks/results/plm_speed.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, save  # noqa: E402
+from benchmarks.common import RESULTS, machine, save  # noqa: E402
 from benchmarks.flip_ml1m import processed_dataset  # noqa: E402
 
 NAME = "plm_speed"
@@ -138,12 +140,49 @@ def finetune_arms(cfg: Any, data_dir: Path, device: torch.device, seed: int) -> 
     return arms
 
 
-def loss_runs(cfg: Any, data_dir: Path, work: Path, seeds: list[int], steps: int) -> dict[str, Any]:
+def _spread(values: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def _in_sd(before: dict[str, Any], after: dict[str, Any]) -> float:
+    pooled = (((after["std"] or 0.0) ** 2 + (before["std"] or 0.0) ** 2) / 2) ** 0.5
+    return (after["mean"] - before["mean"]) / max(pooled, 1e-12)
+
+
+def held_out_losses(run_dir: Path, data_dir: Path, cache_dir: Path, rows: int, batch_size: int = 32) -> dict[str, float]:
+    """The pretrained model of ``run_dir`` on the same inputs for every run: the first ``rows`` rows of
+    the validation split in plain order, batches of ``batch_size``, masks and noise from one fixed
+    generator, evaluation mode (no dropout). Training losses are means over each run's own batches,
+    which bucketing composes differently (rows of similar length: other in-batch negatives for ICL);
+    these compare the models themselves."""
+    from flip.align.model import pretrain_batch
+    from flip.data.tensors import load_tabular
+    from flip.data.tokens import tokenize_split
+    from flip.evaluate.analysis import _load_pretrained
+
+    cfg, _, model, tokenizer = _load_pretrained(run_dir, data_dir)
+    tab = load_tabular(data_dir, "valid", rows)
+    tokens = tokenize_split(data_dir, "valid", tokenizer, cfg.plm.max_length, cache_dir, progress=False,
+                            rows=np.arange(len(tab)))
+    generator = torch.Generator().manual_seed(0)
+    sums, n = dict.fromkeys(LOSS_KEYS, 0.0), 0
+    with torch.inference_mode():
+        for lo in range(0, len(tab), batch_size):
+            idx = torch.arange(lo, min(len(tab), lo + batch_size))
+            out = model(pretrain_batch(tab.x, tokens, idx), generator)
+            for k in LOSS_KEYS:
+                sums[k] += float(out[k]) * len(idx)
+            n += len(idx)
+    return {k: v / n for k, v in sums.items()}
+
+
+def loss_runs(cfg: Any, data_dir: Path, work: Path, seeds: list[int], steps: int,
+              held_out_rows: int = 2048) -> dict[str, Any]:
     import dataclasses
 
     from flip.train.pretrain import pretrain
 
-    out: dict[str, Any] = {"steps": steps, "seeds": seeds, "runs": {}}
+    out: dict[str, Any] = {"steps": steps, "seeds": seeds, "held_out_rows": held_out_rows, "runs": {}}
     for key, after in (("before", False), ("after", True)):
         per_seed = []
         for seed in seeds:
@@ -151,18 +190,18 @@ def loss_runs(cfg: Any, data_dir: Path, work: Path, seeds: list[int], steps: int
                                                                       max_steps=steps),
                                     plm=dataclasses.replace(cfg.plm, fast_dropout=after),
                                     run=dataclasses.replace(cfg.run, seeds=[seed], progress=False))
-            m = pretrain(c, data_dir, work / "loss" / f"{key}-seed{seed}-steps{steps}")
-            per_seed.append({"seed": seed, **{k: m[k] for k in LOSS_KEYS}})
-        summary = {k: {"mean": statistics.fmean(r[k] for r in per_seed),
-                       "std": statistics.stdev(r[k] for r in per_seed) if len(per_seed) > 1 else None}
-                   for k in LOSS_KEYS}
-        out["runs"][key] = {"per_seed": per_seed, **summary}
+            run_dir = work / "loss" / f"{key}-seed{seed}-steps{steps}"
+            m = pretrain(c, data_dir, run_dir)
+            held = held_out_losses(run_dir, data_dir, work / "tokens", held_out_rows)
+            per_seed.append({"seed": seed, **{k: m[k] for k in LOSS_KEYS}, "held_out": held})
+        summary = {k: _spread([r[k] for r in per_seed]) for k in LOSS_KEYS}
+        held = {k: _spread([r["held_out"][k] for r in per_seed]) for k in LOSS_KEYS}
+        out["runs"][key] = {"per_seed": per_seed, **summary, "held_out": held}
     if len(seeds) > 1:  # after - before, in units of the seeds' spread (pooled standard deviation)
         runs = out["runs"]
-        out["difference_in_sd"] = {
-            k: (runs["after"][k]["mean"] - runs["before"][k]["mean"])
-            / max(((runs["after"][k]["std"] ** 2 + runs["before"][k]["std"] ** 2) / 2) ** 0.5, 1e-12)
-            for k in LOSS_KEYS}
+        out["difference_in_sd"] = {k: _in_sd(runs["before"][k], runs["after"][k]) for k in LOSS_KEYS}
+        out["held_out_difference_in_sd"] = {k: _in_sd(runs["before"]["held_out"][k], runs["after"]["held_out"][k])
+                                            for k in LOSS_KEYS}
     return out
 
 
@@ -177,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--loss-seeds", type=int, default=3, help="seeds of the loss comparison (0 = skip it)")
     p.add_argument("--loss-steps", type=int, default=100, help="optimizer steps of each loss run")
     p.add_argument("--skip-finetune", action="store_true")
+    p.add_argument("--losses-only", action="store_true",
+                   help="only the loss comparison; the timings of the results file already there are kept")
     p.add_argument("--device", default="cpu")
     p.add_argument("--idle", choices=("yes", "no"), required=True, help="was the machine otherwise idle?")
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
@@ -196,6 +237,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "overrides": overrides, "steps": args.steps, "warmup": args.warmup,
                               "repeats": args.repeats, "batch_size": cfg.pretrain.batch_size,
                               "max_length": cfg.plm.max_length, "machine_cores": machine()["cores"]}
+    if args.losses_only:
+        kept = json.loads((Path(args.out or RESULTS) / f"{NAME}.json").read_text())
+        result = {**kept, "losses": loss_runs(cfg, data_dir, args.work, [args.seed + i for i in range(args.loss_seeds)],
+                                               args.loss_steps)}
+        # the timings' own command and date (save records this run's)
+        timing = kept.get("timing") or {"command": kept.get("command"), "date": kept.get("date")}
+        for key in ("command", "date", "machine"):
+            result.pop(key, None)
+        result["timing"] = timing
+        save(NAME, result, args.out)
+        return result
     groups = {"pretrain": pretrain_arms(cfg, data_dir, device, args.seed)}
     if not args.skip_finetune:
         groups["finetune_plm"] = finetune_arms(cfg, data_dir, device, args.seed)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from flip.align.masking import (
+    IGNORE_INDEX,
     choose_fields,
     field_token_mask,
     mask_random_tokens,
@@ -207,6 +208,23 @@ class FlipPretrainModel(nn.Module):
             out["x_masked"] = mask_tabular(x, out["tab_fields"], self.mask_id)
         return out
 
+    def mask_indices(self, masks: dict[str, torch.Tensor], generator: torch.Generator | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """What ``forward`` would otherwise find and draw on the device, taken from ``masks`` (those of
+        :meth:`mask`) where they are: ``mlm_index`` (2, M) the masked token positions, ``mtm_index``
+        (2, P) the masked (row, field) pairs, and ``mtm_noise`` (P, K) the NCE noise uniforms drawn
+        from ``generator`` (in the order ``forward`` draws them). Computed on the host before the
+        batch is copied to the device, they make a training step free of device-to-host waits."""
+        out: dict[str, torch.Tensor] = {}
+        if "mlm_labels" in masks:
+            out["mlm_index"] = (masks["mlm_labels"] != IGNORE_INDEX).nonzero().t()
+        if "tab_fields" in masks:
+            out["mtm_index"] = masks["tab_fields"].nonzero().t()
+            if self.mtm is not None and self.mtm.loss_type == "nce":
+                out["mtm_noise"] = self.mtm.sampler.uniforms(out["mtm_index"].shape[1], self.mtm.num_negatives,
+                                                             generator)
+        return out
+
     # ------------------------------------------------------------------------------- forward
     @property
     def passes(self) -> dict[str, bool]:
@@ -226,8 +244,9 @@ class FlipPretrainModel(nn.Module):
                 masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``batch``: ``x`` (B, F) ids, ``input_ids``/``attention_mask`` (B, L) of the complete
         text, ``field_tok_start``/``field_tok_end`` (B, F). ``masks``: those of :meth:`mask` for this
-        batch (drawn elsewhere, e.g. on the global batch of a distributed step); None: drawn here from
-        ``generator``. Returns the losses (module docstring)."""
+        batch (drawn elsewhere, e.g. on the host or on the global batch of a distributed step), with
+        or without :meth:`mask_indices`; None: drawn here from ``generator``. Returns the losses
+        (module docstring)."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"pretraining batch lacks {missing}")
@@ -248,10 +267,11 @@ class FlipPretrainModel(nn.Module):
         if self.mlm is not None:
             if w_hat is None:
                 w_hat = self.plm(m["masked_ids"], attn)  # (B, L, D_t) masked text
-            results["mlm"] = self.mlm(w_hat, v, m["mlm_labels"])
+            results["mlm"] = self.mlm(w_hat, v, m["mlm_labels"], m.get("mlm_index"))
         if self.mtm is not None:
             v_hat = self.id_model.encode(m["x_masked"])  # (B, D_v) masked table
-            results["mtm"] = self.mtm(v_hat, w, attn, x, m["tab_fields"], generator)
+            results["mtm"] = self.mtm(v_hat, w, attn, x, m["tab_fields"], generator, m.get("mtm_index"),
+                                      m.get("mtm_noise"))
         if self.icl is not None:
             results["icl"] = self.icl(self.plm.sentence(w, attn), v)
 

@@ -80,15 +80,19 @@ class MlmHead(nn.Module):
         return self.decoder(self.dropout(torch.tanh(self.dense(x))))  # (M, V_t)
 
 
-def mlm_loss(head: MlmHead, states: torch.Tensor, v: torch.Tensor | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def mlm_loss(head: MlmHead, states: torch.Tensor, v: torch.Tensor | None, labels: torch.Tensor,
+             index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Eq. 6: mean cross-entropy over the masked tokens of the batch.
 
     ``states`` (B, L, D_t) token states of the MASKED text (ŵ), ``v`` (B, D_v) representation of
     the COMPLETE table (None without joint reconstruction), ``labels`` (B, L): original token id
-    at masked positions, -100 elsewhere. Returns ``loss``, ``acc`` (top-1 over masked tokens),
-    ``count`` (M).
+    at masked positions, -100 elsewhere; ``index`` (2, M): the masked positions (row, column), when
+    found beforehand (on the host: then nothing here waits for the device). Returns ``loss``, ``acc``
+    (top-1 over masked tokens), ``count`` (M).
     """
-    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (M,), (M,)
+    if index is None:
+        index = (labels != IGNORE_INDEX).nonzero().t()
+    rows, cols = index[0], index[1]  # (M,), (M,)
     target = labels[rows, cols]  # (M,)
     if rows.numel() == 0:
         zero = states.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
@@ -97,7 +101,7 @@ def mlm_loss(head: MlmHead, states: torch.Tensor, v: torch.Tensor | None, labels
     logits = head(h, v[rows] if head.tab_dim else None).float()  # (M, V_t)
     loss = F.cross_entropy(logits, target)
     acc = (logits.detach().argmax(-1) == target).float().mean()
-    return {"loss": loss, "acc": acc, "count": torch.tensor(rows.numel(), device=labels.device)}
+    return {"loss": loss, "acc": acc, "count": rows.new_full((), rows.numel())}
 
 
 class MlmObjective(nn.Module):
@@ -108,8 +112,9 @@ class MlmObjective(nn.Module):
         self.joint = joint
         self.head = MlmHead(text_dim, tab_dim if joint else 0, vocab_size, dropout)
 
-    def forward(self, masked_states: torch.Tensor, v: torch.Tensor | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return mlm_loss(self.head, masked_states, v if self.joint else None, labels)
+    def forward(self, masked_states: torch.Tensor, v: torch.Tensor | None, labels: torch.Tensor,
+                index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return mlm_loss(self.head, masked_states, v if self.joint else None, labels, index)
 
 
 # =========================================================================================== MTM
@@ -208,11 +213,17 @@ class NoiseSampler(nn.Module):
         self.register_buffer("id_lo", torch.tensor([o for o, _ in field_ranges]), persistent=False)
         self.register_buffer("id_hi", torch.tensor([o + s - 1 for o, s in field_ranges]), persistent=False)
 
-    def sample(self, fields: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(M,) field index of each masked pair -> (M, num) noise ids."""
-        M = fields.shape[0]
+    def uniforms(self, pairs: int, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The (pairs, num) float64 uniforms that :meth:`sample` turns into noise ids, on the generator's device."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        u = torch.rand((M, num), generator=generator, device=gen_device, dtype=torch.float64).to(self.cdf.device)
+        return torch.rand((pairs, num), generator=generator, device=gen_device, dtype=torch.float64)
+
+    def sample(self, fields: torch.Tensor, num: int, generator: torch.Generator | None = None,
+               uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """(M,) field index of each masked pair -> (M, num) noise ids (from ``uniforms``, those of
+        :meth:`uniforms` drawn beforehand, or drawn here)."""
+        u = self.uniforms(fields.shape[0], num, generator) if uniforms is None else uniforms
+        u = u.to(self.cdf.device, non_blocking=True)
         lo, hi = self.lo[fields][:, None], self.hi[fields][:, None]
         ids = torch.searchsorted(self.cdf, lo + u * (hi - lo), right=True)  # first id with cdf > t
         if self.mode == "per_field":
@@ -285,10 +296,16 @@ class MtmObjective(nn.Module):
         return torch.einsum("md,mcd->mc", c, self.out_embedding(ids)) + bias
 
     def forward(self, v_hat: torch.Tensor, w: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                x: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                x: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator | None = None,
+                index: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``v_hat`` (B, D_v) masked-table representation, ``w`` (B, L, D_t) COMPLETE text states,
-        ``x`` (B, F) original ids, ``chosen`` (B, F) masked fields -> ``loss``, ``acc``, ``count``."""
-        rows, fields = chosen.nonzero(as_tuple=True)  # (M,), (M,)
+        ``x`` (B, F) original ids, ``chosen`` (B, F) masked fields -> ``loss``, ``acc``, ``count``.
+        ``index`` (2, M) the masked (row, field) pairs and ``noise`` (M, K) the NCE uniforms
+        (``NoiseSampler.uniforms``), when drawn beforehand (on the host: nothing here then waits for
+        the device); otherwise found and drawn here."""
+        if index is None:
+            index = chosen.nonzero().t()
+        rows, fields = index[0], index[1]  # (M,), (M,)
         if rows.numel() == 0:
             # every parameter in the graph (DDP), except row-sparse tables: a dense zero gradient there
             # would be a dense update over the vocabulary
@@ -304,13 +321,13 @@ class MtmObjective(nn.Module):
             loss = F.cross_entropy(logits, target)
             acc = (logits.detach().argmax(-1) == target).float().mean()
         else:
-            noise = self.sampler.sample(fields, self.num_negatives, generator)  # (M, K)
+            noise = self.sampler.sample(fields, self.num_negatives, generator, noise)  # (M, K)
             ids = torch.cat([target[:, None], noise], dim=1)  # (M, 1 + K)
             s = self.score(c, ids).float()
             delta = s - self.log_V - (math.log(self.num_negatives) + self.sampler.log_q[ids])  # Δ (M, 1 + K)
             loss = nce_loss(delta[:, 0], delta[:, 1:])
             acc = (delta.detach().argmax(-1) == 0).float().mean()
-        return {"loss": loss, "acc": acc, "count": torch.tensor(rows.numel(), device=x.device)}
+        return {"loss": loss, "acc": acc, "count": rows.new_full((), rows.numel())}
 
 
 def _field_of_id(vocab_size: int, field_ranges: list[tuple[int, int]]) -> torch.Tensor:

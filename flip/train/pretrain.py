@@ -28,9 +28,14 @@ Precision
 
 Speed
     ``pretrain.length_bucketing`` (default on): batches of rows of similar text length, in random
-    order (:mod:`flip.train.bucketing`), so fewer padding columns are computed; the batch's rows reach
-    the task on the CPU (``Task.host_batches``) and its trim width is a host max. ``one_text_pass``:
-    one PLM call over [complete; masked] text. ``compile``: ``torch.compile`` of the PLM.
+    order (:mod:`flip.train.bucketing`), so fewer padding columns are computed. A step never waits on
+    the device: the training split stays on the host (ids in memory, tokens memory-mapped from their
+    cache), and each global batch is assembled there - its rows (``Task.host_batches``), its trim
+    width, its masks, this rank's share, the masked positions and pairs and the NCE noise
+    (``FlipPretrainModel.mask_indices``) - and copied to the device in one go. ``plm.fast_dropout``
+    (default on): CPU dropout masks from a fast generator (:mod:`flip.models.host_dropout`).
+    ``one_text_pass``: one PLM call over [complete; masked] text. ``compile``: ``torch.compile`` of
+    the PLM.
 
 Randomness, resuming
     The loop seeds everything with ``run.seeds[0]`` (one pretraining run; finetuning repeats
@@ -117,12 +122,13 @@ def pretrain_bf16(cfg: Config, device: torch.device) -> bool:
 # ------------------------------------------------------------------------------------------ data
 @dataclass
 class PretrainData:
-    """The training split as tensors on the device: ids, tokens, metadata, feature counts."""
+    """The training split on the host (each batch is assembled there and copied to the device): ids,
+    tokens, metadata, feature counts."""
 
     dataset_dir: Path
     meta: dict[str, Any]
-    x: torch.Tensor  # (N, F) int32 global ids, on the device (on the host beyond run.resident_mib)
-    tokens: TokenizedSplit  # tensors on the device (memory-mapped on the host beyond run.resident_mib)
+    x: torch.Tensor  # (N, F) int32 global ids, on the host (memory-mapped beyond run.resident_mib)
+    tokens: TokenizedSplit  # on the host, memory-mapped from the token cache
     counts: torch.Tensor  # (V,) float64 training frequency of every id (NCE noise)
 
     def __len__(self) -> int:
@@ -145,8 +151,7 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     ctx = ctx or DistContext()
     d = Path(dataset_dir)
     meta = load_meta(d)
-    budget = cfg.run.resident_mib << 20  # larger tensors stay on the host (memory-mapped), batches copied over
-    tab = load_tabular(d, "train", cfg.pretrain.max_rows, budget)
+    tab = load_tabular(d, "train", cfg.pretrain.max_rows, cfg.run.resident_mib << 20)
     positions = np.arange(len(tab))
     if 0 < cfg.pretrain.train_rows < len(tab):  # the most recent rows: those finetune.train_rows trains on
         positions = positions[-cfg.pretrain.train_rows:]
@@ -162,8 +167,7 @@ def load_pretrain_data(cfg: Config, dataset_dir: str | Path, tokenizer: Any, dev
     if len(tokens) != len(tab):
         raise ValueError(f"{d}: {len(tokens)} tokenized rows for {len(tab)} training rows")
     counts = load_feature_counts(d, int(meta["vocab_size"]))
-    x = tab.x if 0 < budget < tab.x.numel() * tab.x.element_size() else tab.x.to(device)
-    return PretrainData(d, meta, x, tokens if 0 < budget < tokens.nbytes else tokens.to(device), counts)
+    return PretrainData(d, meta, tab.x, tokens, counts)
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -272,23 +276,29 @@ class PretrainTask(Task):
             check_same_position(self.ctx, [self.recent_count, self.total_n], self.device)
             self._checked = True
         ctx, model = self.ctx, self.model
-        batch = pretrain_batch(self.data.x, self.data.tokens, idx, self.device)  # the global batch, trimmed
+        # The global batch, its masks, this rank's share and every index and noise draw are made on the
+        # host, where the data lives; then copied to the device at once: the step never waits on it.
+        batch = pretrain_batch(self.data.x, self.data.tokens, idx)  # trimmed to its longest text
         B = int(idx.shape[0])
         masks = model.mask(batch, self.generator)  # global draws, identical on every rank
         W = ctx.world
         skip_before = skip_after = 0
         if ctx.distributed:
-            local, local_masks, self._scales, skip_before, skip_after = rank_share(model, batch, masks, ctx)
+            local, local_masks, scales, skip_before, skip_after = rank_share(model, batch, masks, ctx)
+            self._scales = {k: v.to(self.device, non_blocking=True) for k, v in scales.items()}
         else:
             local, local_masks = batch, masks
-        self.token_sum += batch["attention_mask"].sum()  # real tokens of the global batch (no sync)
+        self.token_sum += int(batch["attention_mask"].sum())  # real tokens of the global batch
         if skip_before:
             torch.rand(skip_before, generator=self.generator, dtype=torch.float64)
+        local_masks = {**local_masks, **model.mask_indices(local_masks, self.generator)}  # draws this rank's noise
+        if skip_after:
+            torch.rand(skip_after, generator=self.generator, dtype=torch.float64)
+        local = {k: v.to(self.device, non_blocking=True) for k, v in local.items()}
+        local_masks = {k: v.to(self.device, non_blocking=True) for k, v in local_masks.items()}
         module = self.ddp if self.ddp is not None else model  # the loop decides whether DDP syncs gradients
         with autocast(self.device, self.bf16):
             out = module(local, self.generator, local_masks)
-        if skip_after:
-            torch.rand(skip_after, generator=self.generator, dtype=torch.float64)
         return out["loss"], self._statistics(out, B, W)
 
     # ---------------------------------------------------------------------------- statistics

@@ -245,3 +245,30 @@ def test_compiled_plm_computes_the_same_losses(data, bert_dir):
         for name in ge:
             assert torch.allclose(gc[name], ge[name], rtol=1e-3, atol=1e-5), name
     assert set(compiled.state_dict()) == set(eager.state_dict())  # compiled in place: the same names
+
+
+@pytest.mark.parametrize("mtm_loss", ["nce", "softmax"])
+def test_indices_and_noise_found_beforehand_give_the_same_step(data, bert_dir, mtm_loss):
+    """mask_indices (the host's masked positions, pairs and NCE noise, drawn in forward's order) make
+    forward compute exactly what it computes finding and drawing them itself: losses and gradients."""
+    model = build(data, bert_dir, mtm_loss=mtm_loss).eval()  # eval: dropout off, so only the generator draws
+    batch = batch_of(data, n=24)
+    results = []
+    for beforehand in (False, True):
+        g = torch.Generator().manual_seed(3)
+        masks = model.mask(batch, g)
+        if beforehand:
+            extra = model.mask_indices(masks, g)
+            assert extra["mlm_index"].shape[0] == 2 and extra["mtm_index"].shape[0] == 2
+            assert ("mtm_noise" in extra) == (mtm_loss == "nce")
+            masks = {**masks, **extra}
+        model.zero_grad(set_to_none=True)
+        out = model(batch, g, masks)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, g.get_state()))
+    (a, ga, sa), (b, gb, sb) = results
+    for key in ("loss", "mlm", "mtm", "icl", "mlm_acc", "mtm_acc", "mlm_tokens", "mtm_fields"):
+        assert torch.equal(a[key], b[key]), key
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga)
+    assert torch.equal(sa, sb)  # the generator drew the same numbers in all

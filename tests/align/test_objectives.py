@@ -213,7 +213,7 @@ def test_nce_loss_with_logit_correction_by_hand(noise_mode):
     c = [[0.5, -1.0], [2.0, 0.1], [0.0, 0.3]]
     obj.queries = lambda *args: torch.tensor(c)  # fixed c_{i,f}
     noise = [[3, 2, 2], [5, 5, 4], [4, 5, 4]] if noise_mode == "per_field" else [[3, 4, 5], [2, 2, 3], [5, 4, 3]]
-    obj.sampler.sample = lambda fields, num, generator=None: torch.tensor(noise)  # fixed noise draws
+    obj.sampler.sample = lambda fields, num, generator=None, uniforms=None: torch.tensor(noise)  # fixed noise draws
     x = torch.tensor([[2, 5], [3, 4]])
     chosen = torch.tensor([[True, True], [False, True]])  # pairs (0,0) -> 2, (0,1) -> 5, (1,1) -> 4
     out = obj(torch.zeros(2, 3), None, None, x, chosen)
