@@ -39,6 +39,7 @@ NON_SEMANTIC_KEYS = (
     "run.threads",
     "run.device",
     "run.checkpoint_every",
+    "run.resident_mib",  # where a split's tensors live (memory or a mapped file): the same numbers, tested
     "plm.cache_dir",  # where the token cache lives
     "data.mirror",
     "data.raw_dir",
