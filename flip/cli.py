@@ -280,18 +280,20 @@ def predict(model: Annotated[str, typer.Option(help="bundle directory, ARTIFACT@
             input_: Annotated[list[Path], typer.Option("--input", "-i", help="CSV/Parquet file(s), or a raw directory")],
             out: Annotated[Path, typer.Option("--out", "-o", help="output file (.parquet or .csv)")],
             id_column: Annotated[str, typer.Option(help="input column to copy as the row id")] = "",
-            batch_rows: Annotated[int, typer.Option(help="rows per scored batch")] = 8192,
+            batch_rows: Annotated[int, typer.Option(help="rows per scored batch (default 0: "
+                                                    "flip.deploy.predict.BATCH_ROWS, 4096)")] = 0,
             max_line_bytes: Annotated[int, typer.Option(help="longest CSV line or value read, in bytes (default "
                                                         "0: flip.deploy.predict.MAX_LINE_BYTES, 2 MiB)")] = 0,
             quiet: Quiet = False):
     """Score new rows with a packaged or registered model: writes each row's id and click probability."""
     import tempfile
 
+    from flip.deploy.predict import BATCH_ROWS
     from flip.deploy.predict import predict as run
 
     with tempfile.TemporaryDirectory(prefix="flip-model-") as work:
         bundle = _model(model, Path(work))
-        result = run(bundle, input_, out, batch_rows=batch_rows, id_column=id_column, progress=not quiet,
+        result = run(bundle, input_, out, batch_rows=batch_rows or BATCH_ROWS, id_column=id_column, progress=not quiet,
                      max_line_bytes=max_line_bytes)
     unseen = ", ".join(f"{k} {v:,}" for k, v in result["oov_rows"].items() if v)
     quality = f"; AUC {result['auc']:.4f}, logloss {result['logloss']:.4f}" if "auc" in result else ""
