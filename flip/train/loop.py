@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import random
 import time
@@ -55,12 +56,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from flip.io import malloc_trim
 from flip.metrics import auc as auc_score
 from flip.metrics import logloss as logloss_score
 from flip.progress import note, progress
 from flip.runs import RunDir, RunLog
 from flip.train.callbacks import (Callback, Checkpointer, EarlyStopping, EpochLog, SimulatedCrash, StepLog,
                                   installed_callbacks)
+
+TRIM_EVERY = 8  # scoring batches between returns of freed memory to the system (flip.io.malloc_trim)
 
 __all__ = ["EvalSet", "Fit", "FitState", "LoopSettings", "SimulatedCrash", "Task", "count_parameters", "finish",
            "fit", "predict_probs", "resolve_device", "score", "seed_everything", "set_threads"]
@@ -222,7 +226,13 @@ def predict_probs(task: Task, split: str, eval_batch_size: int, device: torch.de
     was_training = task.model.training
     task.model.eval()
     out = []
-    for start in range(0, n, rows):
+    # every TRIM_EVERY batches: collect and give freed memory back (scoring a 2M-row split of a DCNv2 with a
+    # 3M-id table went from 2.1 to 7.8 GiB peak RSS without; flat with)
+    trim = malloc_trim()
+    for k, start in enumerate(range(0, n, rows)):
+        if k % TRIM_EVERY == 0:
+            gc.collect()  # (reference cycles left by a batch hold its activations until the collector runs)
+            trim(0)
         idx = torch.arange(start, min(n, start + rows), device=device)
         out.append(task.predict(split, idx).float())
     task.model.train(was_training)
