@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=2012)
-    p.add_argument("--loss-seeds", type=int, default=3, help="seeds of the loss comparison (0 = skip it)")
+    p.add_argument("--loss-seeds", type=int, default=3,
+                   help="seeds of the loss comparison (0 = skip it and keep the results file's earlier one)")
     p.add_argument("--loss-steps", type=int, default=100, help="optimizer steps of each loss run")
     p.add_argument("--skip-finetune", action="store_true")
     p.add_argument("--losses-only", action="store_true",
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ("command", "date", "machine"):
             result.pop(key, None)
         result["timing"] = timing
+        result.pop("losses_run", None)  # the losses are this run's (its command and date)
         save(NAME, result, args.out)
         return result
     groups = {"pretrain": pretrain_arms(cfg, data_dir, device, args.seed)}
@@ -264,6 +266,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.loss_seeds > 0:
         result["losses"] = loss_runs(cfg, data_dir, args.work, [args.seed + i for i in range(args.loss_seeds)],
                                      args.loss_steps)
+    else:  # timings only: an earlier loss comparison stays, under the command and date that made it
+        path = Path(args.out or RESULTS) / f"{NAME}.json"
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        if "losses" in kept:
+            made = kept.get("losses_run") or {"command": kept.get("command"), "date": kept.get("date")}
+            result["losses"], result["losses_run"] = kept["losses"], made
     save(NAME, result, args.out)
     return result
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, save  # noqa: E402
+from benchmarks.common import RESULTS, machine, save  # noqa: E402
 from benchmarks.flip_ml1m import (paired_deltas, processed_dataset, profile_config, run_finetuning,  # noqa: E402
                                   run_pretraining)
 
@@ -75,11 +75,39 @@ def reading(points: list[dict[str, Any]]) -> str:
     text = (f"ΔAUC goes from {first['delta']:+.4f} at {first['rows']:,} pretraining rows to {last['delta']:+.4f} at "
             f"{last['rows']:,} ({'rising at every step' if rising else 'not monotonically'}); ")
     text += (f"the interval excludes zero from {min(sig):,} rows on." if sig else "no point's interval excludes zero.")
+    machines = sorted({p.get("machine", "") for p in pts})
+    if len(machines) > 1:
+        text += (f" The points come from {len(machines)} machines ({', '.join(machines)}; each point's machine and "
+                 "date): each ΔAUC is against a scratch baseline trained in the same call, on the same machine.")
     return text
 
 
-def point(cfg_overrides: list[str], size: int, data: Path, work: Path, scratch_dir: Path) -> dict[str, Any]:
-    """Pretrain on the ``size`` most recent training rows, finetune flip_id on all rows, compare."""
+def commit() -> str:
+    """The checked-out commit (the code a point ran), or "" outside a git work tree."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=30, check=False)
+    except OSError:
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def provenance(previous: dict[str, Any], pt: dict[str, Any]) -> dict[str, Any]:
+    """A point from an older results file without its own machine and date takes those of the call
+    that wrote the file (points of one file may come from calls on different machines and code)."""
+    if "machine" in pt:
+        return pt
+    return {**pt, "machine": previous.get("machine", {}).get("cpu", ""), "date": previous.get("date", ""),
+            "idle": previous.get("idle"), "scratch": previous.get("scratch", {}),
+            "precision": previous.get("precision", {})}
+
+
+def point(cfg_overrides: list[str], size: int, data: Path, work: Path, scratch_dir: Path,
+          scratch: dict[str, Any], idle: bool) -> dict[str, Any]:
+    """Pretrain on the ``size`` most recent training rows, finetune flip_id on all rows, compare.
+    The point records its machine, date, commit and its own scratch baseline (same call, same machine)."""
     pre_cfg, _ = profile_config("quick", [*cfg_overrides, f"pretrain.train_rows={size}"])
     pre_dir = work / f"pretrain-{size}"
     pre = run_pretraining(pre_cfg, data, pre_dir)
@@ -95,6 +123,8 @@ def point(cfg_overrides: list[str], size: int, data: Path, work: Path, scratch_d
         "time": pre["train_seconds"], "samples_per_second": pre["samples_per_second"],
         "pretrain_steps": pre["steps"], "pretrain_loss": pre["loss"], "flip_id": _summary(flip_id),
         "runs": {"pretrain": str(pre_dir), "flip_id": str(ft_dir)},
+        "machine": machine()["cpu"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "idle": idle,
+        "commit": commit(), "precision": precisions(work), "scratch": _summary(scratch),
     }
 
 
@@ -121,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = Path(args.out) / f"{NAME}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     settings = {"overrides": args.overrides, "seeds": list(cfg.run.seeds)}
-    done = {pt["rows"]: pt for pt in previous.get("points", [])} if previous.get("settings") == settings else {}
+    done = ({pt["rows"]: provenance(previous, pt) for pt in previous.get("points", [])}
+            if previous.get("settings") == settings else {})
 
     scratch_cfg, _ = profile_config("quick", [*overrides, *FULL_DATA])
     scratch_dir = work / "full_scratch"
@@ -130,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     points = [done[s] for s in sorted(done) if s not in args.sizes]
     result: dict[str, Any] = {}
     for size in sorted(set(args.sizes)):
-        points.append(done[size] if size in done else point(overrides, size, data, work, scratch_dir))
+        points.append(done[size] if size in done else
+                      point(overrides, size, data, work, scratch_dir, _summary(scratch), args.idle == "yes"))
         points.sort(key=lambda pt: pt["rows"])
         pt = points[[q["rows"] for q in points].index(size)]
         print(f"pretrain rows {size:>7,}: ΔAUC {pt['delta']:+.4f} [{pt['ci_low']:+.4f}, {pt['ci_high']:+.4f}] "

@@ -187,13 +187,15 @@ def scaling_section(page: Page, scaling: dict[str, Any] | None, dataset: str, fi
         return
     rows = [[p["rows"], p["seeds"], f"{p['delta']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]",
              f"{p['p_value']:.2g}", ", ".join(f"{v:+.4f}" for v in p["per_seed"].values()),
-             round(p["time"]), round(p["samples_per_second"], 1)] for p in points]
+             round(p["time"]), f"{p['samples_per_second']:.1f}",
+             " ".join(x for x in (p.get("machine", ""), str(p.get("date", ""))[:10]) if x)] for p in points]
     page.table(["pretraining rows", "seeds", "ΔAUC FLIP_ID − scratch [95% CI]", "p-value", "per seed",
-                "pretraining s", "samples/s"], rows)
+                "pretraining s", "samples/s", "machine, date"], rows)
     caption = figures.pretrain_scaling(points, figures_dir / "pretrain_scaling.png",
                                        paper=scaling.get("paper_flip_id_delta"))
     page.figure("figures/pretrain_scaling.png", caption)
-    page.text(f"From {scaling.get('date', 'an earlier run')} ({'idle' if scaling.get('idle') else 'busy'} machine), "
+    state = "idle" if scaling.get("idle") else "busy"
+    page.text(f"From {scaling.get('date', 'an earlier run')} ({state} machine; each point's own in the table), "
               "not this run: the quick profile's pretraining on the N most recent training rows (one epoch), then "
               "FLIP_ID and scratch on the whole training split with the same seeds, scored on the whole test split "
               "(DeLong). " + str(scaling.get("reading", "")))

@@ -127,12 +127,13 @@ def test_report_shows_the_pretraining_scaling_study_of_its_dataset_only(reports,
     points = [{"rows": r, "seeds": 3, "delta": d, "ci_low": d - 0.001, "ci_high": d + 0.001, "p_value": p,
                "per_seed": {"2012": d - 0.0002, "2013": d, "2014": d + 0.0002}, "time": t, "samples_per_second": 22.5}
               for r, d, p, t in ((2000, 0.0003, 0.41, 90.0), (8000, 0.0007, 0.088, 355.0), (32000, 0.0017, 0.004, 1405.0))]
+    points[-1].update(machine="AMD EPYC", date="2026-12-07 23:50 UTC")  # a point from a later call, elsewhere
     study = tmp_path / "pretrain_scaling.json"
     study.write_text(json.dumps({"dataset": "synthetic", "date": "2026-12-04 22:00 UTC", "idle": True,
                                  "paper_flip_id_delta": 0.0052, "points": points}))
     report(copy, scaling=study)
     md = (copy / "summary.md").read_text()
-    assert "| 32,000 | 3 | +0.0017 [+0.0007, +0.0027] | 0.004 |" in md
+    assert "| 32,000 | 3 | +0.0017 [+0.0007, +0.0027] | 0.004 |" in md and "| AMD EPYC 2026-12-07 |" in md
     assert "![pretrain_scaling](figures/pretrain_scaling.png)" in md and "idle machine" in md
     assert (copy / "figures" / "pretrain_scaling.png").stat().st_size > 1000
     sources = read_sources(copy / "eval.json", copy / "metrics.json", study, *(copy / "plots").rglob("*.json"))
